@@ -1,0 +1,241 @@
+"""Spatial-separable SVD of a conv kernel (reference §2.1, Jaderberg et al. 2014).
+
+A kernel W of shape (Cout, Cin, KH, KW) is unfolded into an L×M matrix Y whose rows index the
+smaller channel axis together with the smaller kernel axis (L = min(C)·min(K),
+M = max(C)·max(K)). With Y = U S Vᵀ and U_r its top-r left singular vectors,
+
+    Y ≈ U_r (U_rᵀ Y),
+
+the best rank-r approximation (Eckart–Young): ‖Y − U_r U_rᵀ Y‖²_F = Σ_{h>r} s_h². One factor
+is U_r, the other the core U_rᵀ Y; folded back they are a KH×1 conv and a 1×KW conv (or the
+other way round) whose composition reconstructs W exactly at full rank:
+
+    mode  condition           first conv         last conv
+    SCFK  Cout≥Cin, KH≤KW     (r, Cin, KH, 1)    (Cout, r, 1, KW)   U_r in the first conv
+    SCSK  Cout≥Cin, KH>KW     (r, Cin, 1, KW)    (Cout, r, KH, 1)   U_r in the first conv
+    FCFK  Cout<Cin, KH≤KW     (r, Cin, 1, KW)    (Cout, r, KH, 1)   U_r in the last conv
+    FCSK  Cout<Cin, KH>KW     (r, Cin, KH, 1)    (Cout, r, 1, KW)   U_r in the last conv
+
+The solver never forms V. It builds the L×L Gram matrix G = Y Yᵀ, reduces it once to
+tridiagonal form (LAPACK ``sytrd``), takes every eigenvalue s_h² from the tridiagonal matrix
+(needed by the EVBMF rank rule), then only the top r eigenvectors (MRRR) and maps them back
+through the Householder reflectors (``ormqr``). That is about 1/3 of the work of a full SVD and
+its memory is two L×L arrays, in float32 for large kernels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_lapack_funcs
+
+from amct_core.decompose.applicability import DecomposeMode, _pair, select_mode
+from amct_core.decompose.rank import select_rank
+from amct_core.errors import DecompositionError
+
+# (axes of W that make the rows, axes that make the columns, whether U_r is the first conv,
+#  kernel axis (2 = H, 3 = W) of the first conv). W axes: 0 = Cout, 1 = Cin, 2 = KH, 3 = KW.
+_LAYOUT = {
+    DecomposeMode.SCFK: ((1, 2), (0, 3), True, 2),
+    DecomposeMode.SCSK: ((1, 3), (0, 2), True, 3),
+    DecomposeMode.FCFK: ((0, 2), (1, 3), False, 3),
+    DecomposeMode.FCSK: ((0, 3), (1, 2), False, 2),
+}
+
+#: Unfoldings with more elements than this are solved in float32 (memory and speed); smaller
+#: ones in float64.
+FLOAT64_MAX_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class SpatialSvdFactors:
+    """The two conv kernels that replace one conv, and how they were chosen."""
+
+    mode: DecomposeMode
+    rank: int
+    first: np.ndarray
+    last: np.ndarray
+    singular_values: np.ndarray
+    evbmf_rank: int | None
+
+    @property
+    def residual_energy(self) -> float:
+        """Σ_{h>r} s_h², the squared Frobenius error of the optimal rank-r approximation."""
+        tail = self.singular_values[self.rank:]
+        return float(np.sum(tail * tail))
+
+
+def _check_mode(mode: DecomposeMode) -> None:
+    if mode not in _LAYOUT:
+        raise DecompositionError(f"mode {mode!r} does not split a conv; use one of "
+                                 f"{', '.join(m.name for m in _LAYOUT)}")
+
+
+def factor_shapes(weight_shape: Sequence[int], mode: DecomposeMode,
+                  rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Return the (first, last) kernel shapes for a conv of ``weight_shape`` at ``rank``."""
+    _check_mode(mode)
+    cout, cin, kh, kw = (int(v) for v in weight_shape)
+    first_axis = _LAYOUT[mode][3]
+    if first_axis == 2:
+        return (rank, cin, kh, 1), (cout, rank, 1, kw)
+    return (rank, cin, 1, kw), (cout, rank, kh, 1)
+
+
+def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
+    """Return the L×M unfolding of a (Cout, Cin, KH, KW) kernel for ``mode``."""
+    _check_mode(mode)
+    rows, cols, _, _ = _LAYOUT[mode]
+    shape = weight.shape
+    num_rows = shape[rows[0]] * shape[rows[1]]
+    return weight.transpose(rows + cols).reshape(num_rows, -1)
+
+
+def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
+          mode: DecomposeMode) -> tuple[np.ndarray, np.ndarray]:
+    """Fold U_r (L×r) and the core (r×M) back into the first and last conv kernels."""
+    rows, cols, u_is_first, _ = _LAYOUT[mode]
+    rank = u_r.shape[1]
+    shape = tuple(int(v) for v in weight_shape)
+    # U_r holds the row axes (a channel axis and a kernel axis); the core the column axes.
+    u_part = u_r.T.reshape(rank, shape[rows[0]], shape[rows[1]])
+    core_part = core.reshape(rank, shape[cols[0]], shape[cols[1]])
+    first_shape, last_shape = factor_shapes(shape, mode, rank)
+    if u_is_first:  # rows = (Cin, k): first[k, i, ...] = U[(i, h), k]
+        first = u_part.reshape(first_shape)
+        last = core_part.transpose(1, 0, 2).reshape(last_shape)
+    else:  # rows = (Cout, k): last[o, k, ...] = U[(o, h), k]
+        last = u_part.transpose(1, 0, 2).reshape(last_shape)
+        first = core_part.reshape(first_shape)
+    return np.ascontiguousarray(first), np.ascontiguousarray(last)
+
+
+def _gram_spectrum_and_top_vectors(
+        y: np.ndarray, choose_rank: Callable[[np.ndarray], int]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (all singular values of ``y``, descending; its top-r left singular vectors).
+
+    ``choose_rank`` gets the singular values and returns r. One tridiagonal reduction of
+    G = Y Yᵀ serves both the full spectrum and the r vectors.
+    """
+    num_rows = y.shape[0]
+    gram = np.asfortranarray(y @ y.T)
+    if num_rows < 3:
+        eigenvalues, vectors = np.linalg.eigh(gram)
+        singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
+        rank = choose_rank(singular)
+        return singular, vectors[:, ::-1][:, :rank]
+    sytrd, sytrd_lwork, ormqr = get_lapack_funcs(("sytrd", "sytrd_lwork", "ormqr"), (gram,))
+    lwork, info = sytrd_lwork(num_rows, lower=1)
+    reflectors, diag, offdiag, tau, info = sytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1)
+    if info != 0:
+        raise DecompositionError(f"tridiagonal reduction failed (LAPACK sytrd info={info})")
+    del gram
+    eigenvalues = eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf")
+    singular = np.sqrt(np.clip(eigenvalues[::-1].astype(np.float64), 0.0, None))
+    rank = choose_rank(singular)
+    if rank <= 0:
+        return singular, np.zeros((num_rows, 0), dtype=y.dtype)
+    _, small = eigh_tridiagonal(diag, offdiag, select="i",
+                                select_range=(num_rows - rank, num_rows - 1))
+    small = np.asfortranarray(small[:, ::-1].astype(y.dtype, copy=False))
+    # Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal: the
+    # same storage as a QR factorisation of reflectors[1:, :-1].
+    tail = small[1:]
+    _, work, _ = ormqr(b"L", b"N", reflectors[1:, :-1], tau, tail, -1)
+    rotated, _, info = ormqr(b"L", b"N", reflectors[1:, :-1], tau, tail, int(work[0]),
+                             overwrite_c=1)
+    if info != 0:
+        raise DecompositionError(f"back-transformation failed (LAPACK ormqr info={info})")
+    vectors = np.empty((num_rows, rank), dtype=y.dtype)
+    vectors[0] = small[0]
+    vectors[1:] = rotated
+    return singular, vectors
+
+
+def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None = None,
+                compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
+    """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
+
+    No applicability check: callers use :func:`decompose_conv_weight` for that. The factors
+    are returned in the compute precision (float64 for small kernels, float32 for large ones
+    unless ``compute_dtype`` says otherwise).
+    """
+    _check_mode(mode)
+    weight = np.asarray(weight)
+    if weight.ndim != 4:
+        raise DecompositionError(f"a conv kernel must be 4-D (Cout, Cin, KH, KW), got shape "
+                                 f"{weight.shape}")
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise DecompositionError(f"unsupported weight dtype {weight.dtype}; only float16, "
+                                 f"float32 and float64 kernels can be decomposed")
+    if not np.all(np.isfinite(weight)):
+        raise DecompositionError("the kernel contains NaN or Inf values")
+    if compute_dtype is None:
+        compute_dtype = np.float64 if weight.size <= FLOAT64_MAX_ELEMENTS else np.float32
+    y = unfold_weight(weight.astype(compute_dtype, copy=False), mode)
+    y = np.ascontiguousarray(y)
+    num_rows = y.shape[0]
+    cout, cin, kh, kw = weight.shape
+    evbmf: list[int] = []
+
+    def choose_rank(singular: np.ndarray) -> int:
+        if rank is not None:
+            if not 1 <= int(rank) <= num_rows:
+                raise DecompositionError(f"rank must be in [1, {num_rows}] for a kernel of "
+                                         f"shape {weight.shape}, got {rank}")
+            return int(rank)
+        chosen, raw = select_rank(singular, cout, cin, (kh, kw))
+        evbmf.append(raw)
+        return chosen
+
+    singular, u_r = _gram_spectrum_and_top_vectors(y, choose_rank)
+    core = u_r.T @ y
+    first, last = _fold(u_r, core, weight.shape, mode)
+    return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
+                             singular_values=singular,
+                             evbmf_rank=evbmf[0] if evbmf else None)
+
+
+def decompose_conv_weight(weight: np.ndarray, stride: int | Sequence[int] = 1,
+                          dilation: int | Sequence[int] = 1, groups: int = 1,
+                          rank: int | None = None) -> SpatialSvdFactors | None:
+    """Decompose a conv kernel if the applicability rule allows it, else return ``None``.
+
+    ``weight`` is (Cout, Cin/groups, KH, KW). The rank comes from the EVBMF rank rule unless
+    ``rank`` is given.
+    """
+    weight = np.asarray(weight)
+    if weight.ndim != 4:
+        raise DecompositionError(f"a conv kernel must be 4-D (Cout, Cin, KH, KW), got shape "
+                                 f"{weight.shape}")
+    cout, cin_per_group, kh, kw = weight.shape
+    mode = select_mode(cout, cin_per_group * groups, (kh, kw), stride, dilation, groups)
+    if mode == DecomposeMode.UNCHANGE:
+        return None
+    return factorize_kernel(weight, mode, rank)
+
+
+def split_conv_attributes(mode: DecomposeMode, stride: int | Sequence[int],
+                          padding: int | Sequence[int] | str,
+                          dilation: int | Sequence[int]) -> tuple[dict, dict]:
+    """Return the (first, last) conv attributes: stride, padding and dilation per axis.
+
+    Each new conv keeps the original value on its own kernel axis and gets stride 1,
+    padding 0 and dilation 1 on the other (reference §2.1). String paddings ('same',
+    'valid') apply to both convs as they are, which composes to the same output.
+    """
+    _check_mode(mode)
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    if isinstance(padding, str):
+        pad_h_conv: tuple[int, int] | str = padding
+        pad_w_conv: tuple[int, int] | str = padding
+    else:
+        ph, pw = _pair(padding, "padding")
+        pad_h_conv, pad_w_conv = (ph, 0), (0, pw)
+    along_h = {"stride": (sh, 1), "padding": pad_h_conv, "dilation": (dh, 1)}
+    along_w = {"stride": (1, sw), "padding": pad_w_conv, "dilation": (1, dw)}
+    if _LAYOUT[mode][3] == 2:
+        return along_h, along_w
+    return along_w, along_h
