@@ -45,7 +45,7 @@ class _StreamToCurrentStdout(logging.StreamHandler):
         super().__init__(sys.stdout)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stdout)
+        self.stream = sys.stdout
         super().emit(record)
 
 

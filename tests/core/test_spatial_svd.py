@@ -1,0 +1,133 @@
+"""The spatial-SVD solver against an independent numpy SVD (reference §2.1)."""
+import numpy as np
+import pytest
+
+from amct_core.decompose import (
+    DecomposeMode,
+    decompose_conv_weight,
+    factor_shapes,
+    factorize_kernel,
+    select_mode,
+    split_conv_attributes,
+    unfold_weight,
+)
+from amct_core.errors import AmctError, DecompositionError
+
+SHAPES = {
+    DecomposeMode.SCFK: (128, 96, 3, 5),
+    DecomposeMode.SCSK: (128, 96, 5, 3),
+    DecomposeMode.FCFK: (64, 96, 3, 5),
+    DecomposeMode.FCSK: (64, 96, 5, 3),
+}
+
+
+def compose(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """The kernel of the conv `last` applied after the conv `first` (independent of the
+    solver): one factor is K×1, the other 1×K."""
+    if first.shape[3] == 1:  # first (r, Cin, KH, 1), last (Cout, r, 1, KW)
+        return np.einsum("kih,okw->oihw", first[:, :, :, 0], last[:, :, 0, :])
+    return np.einsum("kiw,okh->oihw", first[:, :, 0, :], last[:, :, :, 0])
+
+
+def kernel(shape, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("mode", list(SHAPES))
+def test_full_rank_reconstructs_exactly(mode):
+    weight = kernel(SHAPES[mode])
+    assert select_mode(weight.shape[0], weight.shape[1], weight.shape[2:]) == mode
+    full = min(weight.shape[:2]) * min(weight.shape[2:])
+    factors = factorize_kernel(weight, mode, rank=full)
+    assert (factors.first.shape, factors.last.shape) == factor_shapes(weight.shape, mode, full)
+    np.testing.assert_allclose(compose(factors.first, factors.last), weight, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", list(SHAPES))
+@pytest.mark.parametrize("rank", [1, 17, 64])
+def test_error_is_the_eckart_young_optimum(mode, rank):
+    weight = kernel(SHAPES[mode], seed=rank)
+    factors = factorize_kernel(weight, mode, rank=rank)
+    error = np.sum((compose(factors.first, factors.last) - weight) ** 2)
+    singular = np.linalg.svd(unfold_weight(weight, mode), compute_uv=False)
+    optimal = np.sum(singular[rank:] ** 2)
+    assert error == pytest.approx(optimal, rel=1e-9)
+    assert factors.residual_energy == pytest.approx(optimal, rel=1e-9)
+    np.testing.assert_allclose(factors.singular_values, singular, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", list(SHAPES))
+def test_orthonormal_factor_sits_where_the_reference_puts_it(mode):
+    factors = factorize_kernel(kernel(SHAPES[mode]), mode, rank=32)
+    if mode in (DecomposeMode.SCFK, DecomposeMode.SCSK):
+        u = factors.first.reshape(32, -1).T
+    else:
+        u = factors.last.transpose(1, 0, 2, 3).reshape(32, -1).T
+    np.testing.assert_allclose(u.T @ u, np.eye(32), atol=1e-10)
+
+
+def test_float32_path_stays_within_one_percent_of_the_optimum():
+    weight = kernel((256, 256, 3, 3), seed=7, dtype=np.float32)
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=160, compute_dtype=np.float32)
+    assert factors.first.dtype == np.float32
+    error = np.sum((compose(factors.first.astype(np.float64), factors.last.astype(np.float64))
+                    - weight.astype(np.float64)) ** 2)
+    singular = np.linalg.svd(unfold_weight(weight.astype(np.float64), DecomposeMode.SCFK),
+                             compute_uv=False)
+    assert error <= 1.01 * np.sum(singular[160:] ** 2)
+
+
+def test_rank_rule_is_used_when_no_rank_is_given():
+    factors = decompose_conv_weight(kernel((128, 128, 3, 3)))
+    assert factors.mode == DecomposeMode.SCFK
+    assert factors.rank == 64
+    assert factors.first.shape == (64, 128, 3, 1)
+    assert factors.last.shape == (128, 64, 1, 3)
+    assert factors.evbmf_rank is not None
+
+
+def test_ineligible_conv_gives_none():
+    assert decompose_conv_weight(kernel((128, 1, 3, 3))) is None
+    assert decompose_conv_weight(kernel((128, 128, 3, 3)), dilation=2) is None
+    assert decompose_conv_weight(kernel((128, 64, 3, 3)), groups=2) is None
+
+
+def test_decompose_is_deterministic():
+    weight = kernel((96, 64, 3, 3), seed=4)
+    one, two = decompose_conv_weight(weight), decompose_conv_weight(weight)
+    np.testing.assert_array_equal(one.first, two.first)
+    np.testing.assert_array_equal(one.last, two.last)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused(bad):
+    weight = kernel((128, 128, 3, 3))
+    weight[3, 4, 1, 1] = bad
+    with pytest.raises(DecompositionError, match="NaN or Inf"):
+        decompose_conv_weight(weight)
+
+
+def test_non_float_weights_are_refused():
+    with pytest.raises(DecompositionError, match="int32"):
+        factorize_kernel(np.ones((128, 128, 3, 3), dtype=np.int32), DecomposeMode.SCFK)
+
+
+def test_bad_shapes_and_ranks_are_refused():
+    with pytest.raises(DecompositionError, match="4-D"):
+        decompose_conv_weight(np.ones((3, 3)))
+    with pytest.raises(DecompositionError, match=r"rank must be in \[1, 384\]"):
+        factorize_kernel(kernel((128, 128, 3, 3)), DecomposeMode.SCFK, rank=385)
+    with pytest.raises(AmctError, match="does not split"):
+        factorize_kernel(kernel((128, 128, 3, 3)), DecomposeMode.UNCHANGE)
+    assert issubclass(DecompositionError, ValueError)
+
+
+def test_split_attributes_keep_each_axis_on_its_own_conv():
+    first, last = split_conv_attributes(DecomposeMode.SCFK, (2, 1), (1, 2), 1)
+    assert first == {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1)}
+    assert last == {"stride": (1, 1), "padding": (0, 2), "dilation": (1, 1)}
+    first, last = split_conv_attributes(DecomposeMode.FCFK, (2, 1), (1, 2), 1)
+    assert first == {"stride": (1, 1), "padding": (0, 2), "dilation": (1, 1)}
+    assert last == {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1)}
+    first, last = split_conv_attributes(DecomposeMode.SCSK, 1, "same", 1)
+    assert first["padding"] == last["padding"] == "same"
