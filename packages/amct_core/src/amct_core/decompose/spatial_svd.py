@@ -112,14 +112,15 @@ def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
 
 
 def _gram_spectrum_and_top_vectors(
-        y: np.ndarray, choose_rank: Callable[[np.ndarray], int]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (all singular values of ``y``, descending; its top-r left singular vectors).
+        gram: np.ndarray,
+        choose_rank: Callable[[np.ndarray], int]) -> tuple[np.ndarray, np.ndarray]:
+    """Return (all singular values of Y, descending; its top-r left singular vectors) from
+    the Gram matrix G = Y Yᵀ, which is overwritten.
 
-    ``choose_rank`` gets the singular values and returns r. One tridiagonal reduction of
-    G = Y Yᵀ serves both the full spectrum and the r vectors.
+    ``choose_rank`` gets the singular values and returns r. One tridiagonal reduction of G
+    serves both the full spectrum and the r vectors.
     """
-    num_rows = y.shape[0]
-    gram = np.asfortranarray(y @ y.T)
+    num_rows = gram.shape[0]
     if num_rows < 3:
         eigenvalues, vectors = np.linalg.eigh(gram)
         singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
@@ -130,24 +131,23 @@ def _gram_spectrum_and_top_vectors(
     reflectors, diag, offdiag, tau, info = sytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1)
     if info != 0:
         raise DecompositionError(f"tridiagonal reduction failed (LAPACK sytrd info={info})")
-    del gram
     eigenvalues = eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf")
     singular = np.sqrt(np.clip(eigenvalues[::-1].astype(np.float64), 0.0, None))
     rank = choose_rank(singular)
     if rank <= 0:
-        return singular, np.zeros((num_rows, 0), dtype=y.dtype)
+        return singular, np.zeros((num_rows, 0), dtype=gram.dtype)
     _, small = eigh_tridiagonal(diag, offdiag, select="i",
                                 select_range=(num_rows - rank, num_rows - 1))
-    small = np.asfortranarray(small[:, ::-1].astype(y.dtype, copy=False))
+    small = np.asfortranarray(small[:, ::-1].astype(gram.dtype, copy=False))
     # Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal: the
     # same storage as a QR factorisation of reflectors[1:, :-1].
+    below = reflectors[1:, :-1]
     tail = small[1:]
-    _, work, _ = ormqr(b"L", b"N", reflectors[1:, :-1], tau, tail, -1)
-    rotated, _, info = ormqr(b"L", b"N", reflectors[1:, :-1], tau, tail, int(work[0]),
-                             overwrite_c=1)
+    _, work, _ = ormqr(b"L", b"N", below, tau, tail, -1)
+    rotated, _, info = ormqr(b"L", b"N", below, tau, tail, int(work[0]), overwrite_c=1)
     if info != 0:
         raise DecompositionError(f"back-transformation failed (LAPACK ormqr info={info})")
-    vectors = np.empty((num_rows, rank), dtype=y.dtype)
+    vectors = np.empty((num_rows, rank), dtype=gram.dtype)
     vectors[0] = small[0]
     vectors[1:] = rotated
     return singular, vectors
@@ -173,9 +173,14 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
         raise DecompositionError("the kernel contains NaN or Inf values")
     if compute_dtype is None:
         compute_dtype = np.float64 if weight.size <= FLOAT64_MAX_ELEMENTS else np.float32
-    y = unfold_weight(weight.astype(compute_dtype, copy=False), mode)
-    y = np.ascontiguousarray(y)
+    work = weight.astype(compute_dtype, copy=False)
+    y = np.ascontiguousarray(unfold_weight(work, mode))
     num_rows = y.shape[0]
+    # G is symmetric, so its transpose is the Fortran-ordered array LAPACK wants, without a
+    # copy. Y is dropped while G is reduced and unfolded again for the core: peak memory is
+    # the kernel plus two L×M arrays.
+    gram = (y @ y.T).T
+    del y
     cout, cin, kh, kw = weight.shape
     evbmf: list[int] = []
 
@@ -189,8 +194,9 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
         evbmf.append(raw)
         return chosen
 
-    singular, u_r = _gram_spectrum_and_top_vectors(y, choose_rank)
-    core = u_r.T @ y
+    singular, u_r = _gram_spectrum_and_top_vectors(gram, choose_rank)
+    del gram
+    core = u_r.T @ unfold_weight(work, mode)
     first, last = _fold(u_r, core, weight.shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
