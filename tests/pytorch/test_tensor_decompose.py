@@ -315,11 +315,21 @@ def test_fine_tuning_updates_the_new_weights():
     assert not torch.equal(before, model.conv2[0].weight)
 
 
-def test_model_argument_is_checked():
+def test_model_argument_is_checked(tmp_path):
     with pytest.raises(AmctError, match="'model' must be a torch.nn.Module"):
         auto_decomposition("model.pth")
     with pytest.raises(TypeError):
         decompose_network(None, "info.json")
+    with pytest.raises(TypeError, match="wrapped in DataParallel; call auto_decomposition on the "
+                                        "bare model"):
+        auto_decomposition(nn.DataParallel(Net()))
+
+
+def test_info_path_that_is_a_directory_leaves_the_model(tmp_path):
+    model = trained_like(Net())
+    with pytest.raises(InfoFileError, match="it is a directory"):
+        auto_decomposition(model, tmp_path)
+    assert isinstance(model.conv2, nn.Conv2d)
 
 
 @pytest.fixture

@@ -71,6 +71,10 @@ def write_decompose_info(path: str | os.PathLike, records: Iterable[DecomposeRec
     """Write ``records`` to ``path`` atomically (temporary file, then rename); return the
     absolute path."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InfoFileError(f"Cannot save the decomposition information file to '{path}': it "
+                            f"is a directory. Give a file path such as "
+                            f"'{os.path.join(path, 'decompose_info.json')}'.")
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     payload = [record.to_json() for record in records]

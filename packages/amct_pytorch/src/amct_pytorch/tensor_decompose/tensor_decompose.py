@@ -33,6 +33,10 @@ def _check_model(model: object, api: str) -> None:
     if not isinstance(model, nn.Module):
         raise AmctTypeError(f"{api}: 'model' must be a torch.nn.Module, got "
                             f"{type(model).__name__}")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise AmctTypeError(f"{api}: 'model' is wrapped in {type(model).__name__}; call {api} "
+                            f"on the bare model (model.module) before wrapping it, and build "
+                            f"the optimizer afterwards.")
 
 
 def _conv_names(model: nn.Module) -> dict[int, list[str]]:
