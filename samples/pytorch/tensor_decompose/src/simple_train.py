@@ -18,7 +18,6 @@ import argparse
 import sys
 
 import torch
-
 from model import Net
 from train_utils import (
     add_common_arguments,
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if args.use_gpu else "cpu")
 
-    train_set, test_set = load_data(args.data_path)
+    train_set, test_set, _ = load_data(args.data_path)
     model = build_model(args).to(device)
 
     generator = torch.Generator().manual_seed(args.seed)

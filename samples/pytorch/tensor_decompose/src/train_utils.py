@@ -62,8 +62,9 @@ class MnistTensors(Dataset):
         return images, self.labels[index_tensor]
 
 
-def load_data(data_path: str, announce: bool = True) -> tuple[MnistTensors, MnistTensors]:
-    """Load MNIST (or the embedded subset) and say which data is used."""
+def load_data(data_path: str,
+              announce: bool = True) -> tuple[MnistTensors, MnistTensors, str]:
+    """Load MNIST (or the embedded subset), say which data is used, return it and its source."""
     data = mnist_data.load_mnist(data_path)
     if announce:
         if data.is_embedded_subset:
@@ -72,7 +73,7 @@ def load_data(data_path: str, announce: bool = True) -> tuple[MnistTensors, Mnis
         else:
             log(f"[Data] Using {data.source}.")
     return (MnistTensors(data.train_images, data.train_labels),
-            MnistTensors(data.test_images, data.test_labels))
+            MnistTensors(data.test_images, data.test_labels), data.source)
 
 
 def batch_loader(dataset: MnistTensors, batch_size: int,
@@ -94,8 +95,11 @@ def batch_loader(dataset: MnistTensors, batch_size: int,
 
 def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
           device: torch.device, steps: int, log_steps: int,
-          set_epoch: Callable[[int], None] | None = None, prefix: str = "") -> None:
-    """Run ``steps`` SGD iterations over ``loader`` (several epochs if needed)."""
+          set_epoch: Callable[[int], None] | None = None, verbose: bool = True) -> None:
+    """Run ``steps`` SGD iterations over ``loader`` (several epochs if needed).
+
+    Every ``log_steps`` steps a ``[Train]`` line is printed, unless ``verbose`` is false.
+    """
     criterion = nn.CrossEntropyLoss()
     model.train()
     step, epoch = 0, 0
@@ -109,8 +113,8 @@ def train(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer
             loss.backward()
             optimizer.step()
             step += 1
-            if step % log_steps == 0:
-                log(f"{prefix}[Train] Step: {step}/{steps}, Epoch: {epoch}, "
+            if verbose and step % log_steps == 0:
+                log(f"[Train] Step: {step}/{steps}, Epoch: {epoch}, "
                     f"Loss: {loss.item():.6f}")
             if step >= steps:
                 break
