@@ -136,8 +136,10 @@ def _gram_spectrum_and_top_vectors(
     rank = choose_rank(singular)
     if rank <= 0:
         return singular, np.zeros((num_rows, 0), dtype=gram.dtype)
-    _, small = eigh_tridiagonal(diag, offdiag, select="i",
-                                select_range=(num_rows - rank, num_rows - 1))
+    # MRRR in float32 can fail to converge on clustered spectra (LAPACK stemr info > 0);
+    # the tridiagonal problem is O(n) in memory, so it is always solved in float64.
+    _, small = eigh_tridiagonal(diag.astype(np.float64), offdiag.astype(np.float64),
+                                select="i", select_range=(num_rows - rank, num_rows - 1))
     small = np.asfortranarray(small[:, ::-1].astype(gram.dtype, copy=False))
     # Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal: the
     # same storage as a QR factorisation of reflectors[1:, :-1].
