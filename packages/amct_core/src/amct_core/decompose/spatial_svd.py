@@ -111,6 +111,33 @@ def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
     return np.ascontiguousarray(first), np.ascontiguousarray(last)
 
 
+#: Below this many rows the top eigenvectors of the tridiagonal matrix come from bisection and
+#: inverse iteration in the working precision (fastest there); above it from MRRR in float64,
+#: which stays fast on the dense spectra of large kernels where inverse iteration slows down.
+BISECTION_MAX_ROWS = 8192
+
+
+def _tridiagonal_top_vectors(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
+    """Eigenvectors of the top ``rank`` eigenvalues of a symmetric tridiagonal matrix,
+    ascending. Either method falls back to the other if LAPACK reports no convergence."""
+    rows = diag.shape[0]
+    span = (rows - rank, rows - 1)
+    bisection = (diag, offdiag, "stebz")
+    mrrr = (diag.astype(np.float64), offdiag.astype(np.float64), "stemr")
+    first, second = (bisection, mrrr) if rows <= BISECTION_MAX_ROWS else (mrrr, bisection)
+    try:
+        return eigh_tridiagonal(first[0], first[1], select="i", select_range=span,
+                                lapack_driver=first[2])[1]
+    except np.linalg.LinAlgError:
+        pass
+    try:
+        return eigh_tridiagonal(second[0], second[1], select="i", select_range=span,
+                                lapack_driver=second[2])[1]
+    except np.linalg.LinAlgError as error:
+        raise DecompositionError(f"no convergence of the tridiagonal eigenvectors "
+                                 f"({error})") from error
+
+
 def _gram_spectrum_and_top_vectors(
         gram: np.ndarray,
         choose_rank: Callable[[np.ndarray], int]) -> tuple[np.ndarray, np.ndarray]:
@@ -136,10 +163,7 @@ def _gram_spectrum_and_top_vectors(
     rank = choose_rank(singular)
     if rank <= 0:
         return singular, np.zeros((num_rows, 0), dtype=gram.dtype)
-    # MRRR in float32 can fail to converge on clustered spectra (LAPACK stemr info > 0);
-    # the tridiagonal problem is O(n) in memory, so it is always solved in float64.
-    _, small = eigh_tridiagonal(diag.astype(np.float64), offdiag.astype(np.float64),
-                                select="i", select_range=(num_rows - rank, num_rows - 1))
+    small = _tridiagonal_top_vectors(diag, offdiag, rank)
     small = np.asfortranarray(small[:, ::-1].astype(gram.dtype, copy=False))
     # Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal: the
     # same storage as a QR factorisation of reflectors[1:, :-1].
