@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from log_lines import AMCT, assert_in_order
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -26,7 +27,6 @@ TEST_LINE = re.compile(
     r"^\[default0\]:\[Test\] Loss: \d+\.\d{6}, Accuracy: (\d+\.\d{2})% \((\d+)/(\d+)\)$", re.M)
 CHECKSUM = re.compile(r"^\[default(\d)\]:\[Rank (\d)\] Final weights checksum: ([0-9a-f]{64})$",
                       re.M)
-AMCT = "[AMCT]:[AMCT]: "
 FAST = ["--test-batch-size", "500", "--log-steps", "5", "--seed", "3"]
 
 pytestmark = [
@@ -63,17 +63,6 @@ def rank_messages(output: str, rank: int) -> list[str]:
             if line.startswith(prefix) and AMCT in line]
 
 
-def assert_in_order(messages: list[str], expected: list[str]) -> None:
-    """Each expected message starts one of ``messages``, in this order (others may be between)."""
-    position = 0
-    for wanted in expected:
-        for index in range(position, len(messages)):
-            if messages[index].startswith(wanted):
-                position = index + 1
-                break
-        else:
-            raise AssertionError(f"AMCT log line {wanted!r} missing or out of order in "
-                                 f"{messages}")
 
 
 def checksums(output: str) -> dict[int, str]:

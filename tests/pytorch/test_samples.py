@@ -18,6 +18,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from log_lines import amct_messages, assert_in_order
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -26,7 +27,6 @@ MNIST_DATA_FILE = SAMPLES / "common" / "mnist_data.py"
 
 TEST_LINE = re.compile(
     r"^\[Test\] Loss: (\d+\.\d{6}), Accuracy: (\d+\.\d{2})% \((\d+)/(\d+)\)$", re.M)
-AMCT = "[AMCT]:[AMCT]: "
 ONLINE_LINES = [
     "auto_decomposition start.",
     "Processing: 'conv1'",
@@ -98,21 +98,8 @@ def run_script(cwd: Path, *args: str, expect_rc: int = 0) -> str:
     return proc.stdout
 
 
-def amct_messages(output: str) -> list[str]:
-    return [line.split(AMCT, 1)[1] for line in output.splitlines() if AMCT in line]
 
 
-def assert_in_order(messages: list[str], expected: list[str]) -> None:
-    """Each expected message starts one of ``messages``, in this order."""
-    position = 0
-    for wanted in expected:
-        for index in range(position, len(messages)):
-            if messages[index].startswith(wanted):
-                position = index + 1
-                break
-        else:
-            raise AssertionError(f"AMCT log line {wanted!r} missing or out of order in "
-                                 f"{messages}")
 
 
 def test_result(output: str) -> tuple[float, float, int, int]:

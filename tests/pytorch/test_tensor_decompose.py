@@ -1,11 +1,11 @@
 """auto_decomposition and decompose_network on real torch modules (reference §2.4)."""
 import json
-import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from log_lines import amct_messages
 from torch import nn
 
 from amct_core.errors import AmctError, InfoFileError, ModelMismatchError
@@ -70,10 +70,6 @@ def truncated_kernel(weight: torch.Tensor, rank: int) -> torch.Tensor:
     u, s, vt = np.linalg.svd(y, full_matrices=False)
     yr = ((u[:, :rank] * s[:rank]) @ vt[:rank]).reshape(t.shape)
     return torch.from_numpy(yr.transpose(np.argsort(axes)).copy())
-
-
-def amct_messages(text: str) -> list[str]:
-    return re.findall(r"\[AMCT\]:\[AMCT\]: (.*)", text)
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,18 @@ def _child_names(name: str) -> list[str]:
     return [f"{name}.0", f"{name}.1"] if name else ["0", "1"]
 
 
+def _finish(model: nn.Module, replacements: list[tuple[str, nn.Module]],
+            records: list[DecomposeRecord], api: str) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Swap the new modules in, log each change and the end of ``api``."""
+    model = _swap_in(model, replacements)
+    changes = {record.layer.name: _child_names(record.layer.name) for record in records}
+    logger = get_logger()
+    for old, new in changes.items():
+        logger.info("Decompose: '%s' -> %s", old, new)
+    logger.info("%s complete.", api)
+    return model, changes
+
+
 def auto_decomposition(model: nn.Module,
                        decompose_info_path: str | os.PathLike | None = None
                        ) -> tuple[nn.Module, dict[str, list[str]]]:
@@ -191,12 +203,7 @@ def auto_decomposition(model: nn.Module,
     elif decompose_info_path is not None:
         saved = write_decompose_info(decompose_info_path, records)
         logger.info("Decomposition information file is saved to: %s", saved)
-    model = _swap_in(model, replacements)
-    changes = {record.layer.name: _child_names(record.layer.name) for record in records}
-    for old, new in changes.items():
-        logger.info("Decompose: '%s' -> %s", old, new)
-    logger.info("auto_decomposition complete.")
-    return model, changes
+    return _finish(model, replacements, records, "auto_decomposition")
 
 
 def _mismatch(field: str, name: str, expected: object, actual: object) -> ModelMismatchError:
@@ -256,9 +263,4 @@ def decompose_network(model: nn.Module, decompose_info_path: str | os.PathLike
                 shared_factors[key] = (pair[0].weight, pair[1].weight)
             pairs[id(conv)] = pair
         replacements.append((record.layer.name, pairs[id(conv)]))
-    model = _swap_in(model, replacements)
-    changes = {record.layer.name: _child_names(record.layer.name) for record in records}
-    for old, new in changes.items():
-        logger.info("Decompose: '%s' -> %s", old, new)
-    logger.info("decompose_network complete.")
-    return model, changes
+    return _finish(model, replacements, records, "decompose_network")
