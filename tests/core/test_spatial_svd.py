@@ -11,6 +11,7 @@ from amct_core.decompose import (
     split_conv_attributes,
     unfold_weight,
 )
+from amct_core.decompose import spatial_svd as spatial_svd_module
 from amct_core.errors import AmctError, DecompositionError
 
 SHAPES = {
@@ -131,3 +132,38 @@ def test_split_attributes_keep_each_axis_on_its_own_conv():
     assert last == {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1)}
     first, last = split_conv_attributes(DecomposeMode.SCSK, 1, "same", 1)
     assert first["padding"] == last["padding"] == "same"
+
+
+@pytest.mark.parametrize("max_rows", [0, 10**9])
+def test_both_tridiagonal_methods_give_the_optimum(monkeypatch, max_rows):
+    monkeypatch.setattr(spatial_svd_module, "BISECTION_MAX_ROWS", max_rows)
+    weight = kernel((96, 64, 3, 3), seed=11)
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=40)
+    error = np.sum((compose(factors.first, factors.last) - weight) ** 2)
+    singular = np.linalg.svd(unfold_weight(weight, DecomposeMode.SCFK), compute_uv=False)
+    assert error == pytest.approx(np.sum(singular[40:] ** 2), rel=1e-9)
+
+
+def test_tridiagonal_fallback_and_double_failure(monkeypatch):
+    real = spatial_svd_module.eigh_tridiagonal
+    calls = []
+
+    def flaky(*args, lapack_driver, **kwargs):
+        calls.append(lapack_driver)
+        if lapack_driver == "stebz":
+            raise np.linalg.LinAlgError("stebz did not converge")
+        return real(*args, lapack_driver=lapack_driver, **kwargs)
+
+    monkeypatch.setattr(spatial_svd_module, "eigh_tridiagonal", flaky)
+    weight = kernel((64, 64, 3, 3), seed=12)
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=32)
+    assert calls == ["stebz", "stemr"]
+    np.testing.assert_allclose(np.sum((compose(factors.first, factors.last) - weight) ** 2),
+                               factors.residual_energy, rtol=1e-9)
+
+    def broken(*args, lapack_driver, **kwargs):
+        raise np.linalg.LinAlgError(f"{lapack_driver} did not converge")
+
+    monkeypatch.setattr(spatial_svd_module, "eigh_tridiagonal", broken)
+    with pytest.raises(DecompositionError, match="no convergence of the tridiagonal"):
+        factorize_kernel(weight, DecomposeMode.SCFK, rank=32)

@@ -18,8 +18,9 @@ other way round) whose composition reconstructs W exactly at full rank:
 
 The solver never forms V. It builds the L×L Gram matrix G = Y Yᵀ, reduces it once to
 tridiagonal form (LAPACK ``sytrd``), takes every eigenvalue s_h² from the tridiagonal matrix
-(needed by the EVBMF rank rule), then only the top r eigenvectors (MRRR) and maps them back
-through the Householder reflectors (``ormqr``). That is about 1/3 of the work of a full SVD and
+(needed by the EVBMF rank rule), then only the top r eigenvectors of the tridiagonal matrix
+(bisection and inverse iteration, or MRRR for large kernels) and maps them back through the
+Householder reflectors (``ormqr``). That is about 1/3 of the work of a full SVD and
 its memory is two L×L arrays, in float32 for large kernels.
 """
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _gram_spectrum_and_top_vectors(
 
 
 def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None = None,
-                compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
+                     compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
     """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
 
     No applicability check: callers use :func:`decompose_conv_weight` for that. The factors
