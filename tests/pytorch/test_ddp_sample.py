@@ -7,7 +7,6 @@ rank 1 rebuilds the structure with decompose_network, and both must end with ide
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -29,11 +28,7 @@ CHECKSUM = re.compile(r"^\[default(\d)\]:\[Rank (\d)\] Final weights checksum: (
                       re.M)
 FAST = ["--test-batch-size", "500", "--log-steps", "5", "--seed", "3"]
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("amct_pytorch") is None,
-                       reason="amct_pytorch is not installed"),
-]
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
