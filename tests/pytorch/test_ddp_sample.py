@@ -132,3 +132,21 @@ def test_two_process_online_decomposition(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stdout
     assert f"CHECKSUM {digests[1]}" in proc.stdout
+
+    # Offline mode: every rank rebuilds the structure from the same files, nobody decomposes.
+    offline = launch(workdir, "torch.distributed.run",
+                     "--lr", "0.001",
+                     "--save-path", "model/ddp/offline/decomposed_finetuned.pth",
+                     "--tensor-decompose",
+                     "--decompose-info-path", "model/ddp/online/decompose_info.json",
+                     "--decomposed-weights-path", "model/ddp/online/decomposed_weights.pth",
+                     "--run-mode", "offline", "--steps", "5", *FAST)
+    for rank in (0, 1):
+        messages = rank_messages(offline, rank)
+        assert_in_order(messages, ["decompose_network start.",
+                                   "Decompose: 'conv2' -> ['conv2.0', 'conv2.1']",
+                                   "decompose_network complete."])
+        assert not any("auto_decomposition" in m for m in messages)
+    offline_digests = checksums(offline)
+    assert offline_digests[0] == offline_digests[1], "ranks ended with different weights"
+    assert (workdir / "model" / "ddp" / "offline" / "decomposed_finetuned.pth").is_file()
