@@ -35,9 +35,11 @@ from train_utils import (
     evaluate,
     import_tensor_decompose,
     load_data,
+    load_pretrained,
     load_weights,
     log,
     make_parent_dir,
+    rebuild_decomposed,
     save_weights,
     test_line,
     train,
@@ -110,15 +112,13 @@ def build_model(args: argparse.Namespace, rank: int, device: torch.device) -> Ne
     model = Net()
     if not args.tensor_decompose:
         if args.pretrained_path is not None:
-            load_weights(model, args.pretrained_path, "Pretrained weights")
-            log(f"[Rank {rank}] Loaded pretrained weights from {args.pretrained_path}")
+            load_pretrained(model, args.pretrained_path, f"[Rank {rank}] ")
         return model
     auto_decomposition, decompose_network = import_tensor_decompose()
     if args.run_mode == "offline":
-        model, _ = decompose_network(model, args.decompose_info_path)
-        load_weights(model, args.decomposed_weights_path, "Decomposed weights")
-        log(f"[Rank {rank}] Loaded decomposed weights from {args.decomposed_weights_path}")
-        return model
+        return rebuild_decomposed(model, args.decompose_info_path,
+                                  args.decomposed_weights_path, decompose_network,
+                                  f"[Rank {rank}] ")
 
     # Online: rank 0 decomposes and writes the files; broadcast_object_list doubles as the
     # barrier and tells the other ranks whether it worked (and what was decomposed).
@@ -126,8 +126,7 @@ def build_model(args: argparse.Namespace, rank: int, device: torch.device) -> Ne
     failure: BaseException | None = None
     if rank == 0:
         try:
-            load_weights(model, args.pretrained_path, "Pretrained weights")
-            log(f"[Rank 0] Loaded pretrained weights from {args.pretrained_path}")
+            load_pretrained(model, args.pretrained_path, "[Rank 0] ")
             make_parent_dir(args.decompose_info_path)
             model, changes = auto_decomposition(model, args.decompose_info_path)
             # Written to a temporary file and renamed, so no rank can see half a file.
@@ -146,9 +145,12 @@ def build_model(args: argparse.Namespace, rank: int, device: torch.device) -> Ne
         raise SystemExit(f"[Rank {rank}] rank 0 failed to decompose the model: {message}")
     if rank != 0:
         if result["changes"]:
-            model, _ = decompose_network(model, args.decompose_info_path)
-        load_weights(model, args.decomposed_weights_path, "Decomposed weights")
-        log(f"[Rank {rank}] Loaded decomposed weights from {args.decomposed_weights_path}")
+            model = rebuild_decomposed(model, args.decompose_info_path,
+                                       args.decomposed_weights_path, decompose_network,
+                                       f"[Rank {rank}] ")
+        else:  # nothing decomposed: the saved weights fit the original structure
+            load_weights(model, args.decomposed_weights_path, "Decomposed weights")
+            log(f"[Rank {rank}] Loaded decomposed weights from {args.decomposed_weights_path}")
     elif not result["changes"]:
         log("[Rank 0] No layer was decomposed; fine-tuning the original structure.")
     return model

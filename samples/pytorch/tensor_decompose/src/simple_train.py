@@ -26,9 +26,10 @@ from train_utils import (
     evaluate,
     import_tensor_decompose,
     load_data,
-    load_weights,
+    load_pretrained,
     log,
     make_parent_dir,
+    rebuild_decomposed,
     save_weights,
     test_line,
     train,
@@ -61,13 +62,11 @@ def build_model(args: argparse.Namespace) -> Net:
     model = Net()
     if not args.tensor_decompose:
         if args.pretrained_path is not None:
-            load_weights(model, args.pretrained_path, "Pretrained weights")
-            log(f"Loaded pretrained weights from {args.pretrained_path}")
+            load_pretrained(model, args.pretrained_path)
         return model
     auto_decomposition, decompose_network = import_tensor_decompose()
     if args.run_mode == "online":
-        load_weights(model, args.pretrained_path, "Pretrained weights")
-        log(f"Loaded pretrained weights from {args.pretrained_path}")
+        load_pretrained(model, args.pretrained_path)
         make_parent_dir(args.decompose_info_path)
         model, changes = auto_decomposition(model, args.decompose_info_path)
         if not changes:
@@ -76,9 +75,8 @@ def build_model(args: argparse.Namespace) -> Net:
             save_weights(model, args.decomposed_weights_path)
             log(f"Decomposed weights are saved to: {args.decomposed_weights_path}")
     else:
-        model, _ = decompose_network(model, args.decompose_info_path)
-        load_weights(model, args.decomposed_weights_path, "Decomposed weights")
-        log(f"Loaded decomposed weights from {args.decomposed_weights_path}")
+        model = rebuild_decomposed(model, args.decompose_info_path,
+                                   args.decomposed_weights_path, decompose_network)
     return model
 
 

@@ -277,6 +277,21 @@ def load_weights(model: nn.Module, path: str, what: str) -> None:
             f"one.)") from error
 
 
+def load_pretrained(model: nn.Module, path: str, prefix: str = "") -> None:
+    """Load pretrained weights into ``model`` and say so."""
+    load_weights(model, path, "Pretrained weights")
+    log(f"{prefix}Loaded pretrained weights from {path}")
+
+
+def rebuild_decomposed(model: nn.Module, info_path: str, weights_path: str,
+                       decompose_network: DecomposeFn, prefix: str = "") -> nn.Module:
+    """Offline step 2: rebuild the decomposed structure from the info file, load its weights."""
+    model, _ = decompose_network(model, info_path)
+    load_weights(model, weights_path, "Decomposed weights")
+    log(f"{prefix}Loaded decomposed weights from {weights_path}")
+    return model
+
+
 def save_weights(model: nn.Module, path: str) -> None:
     """Save ``model.state_dict()`` to ``path`` atomically (temporary file, then rename)."""
     make_parent_dir(path)

@@ -71,12 +71,23 @@ def _new_conv(conv: nn.Conv2d, shape: tuple[int, ...], attributes: dict,
 
 
 def _build_pair(conv: nn.Conv2d, mode: DecomposeMode, first_shape: tuple[int, ...],
-                last_shape: tuple[int, ...]) -> nn.Sequential:
-    """Two new convs shaped for ``mode``; the bias goes on the last one only."""
+                last_shape: tuple[int, ...],
+                factors: tuple[nn.Parameter, nn.Parameter] | None = None) -> nn.Sequential:
+    """Two new convs shaped for ``mode``; the bias goes on the last one only.
+
+    With ``factors`` the convs take those weight parameters and the original bias; without,
+    they keep PyTorch's default initialisation. The memory format follows the original.
+    """
     first_attrs, last_attrs = split_conv_attributes(mode, conv.stride, conv.padding,
                                                     conv.dilation)
     first = _new_conv(conv, first_shape, first_attrs, bias=False)
     last = _new_conv(conv, last_shape, last_attrs, bias=conv.bias is not None)
+    if factors is not None:
+        first.weight, last.weight = factors
+        if conv.bias is not None:
+            with torch.no_grad():
+                last.bias.copy_(conv.bias)
+            last.bias.requires_grad_(conv.bias.requires_grad)
     pair = nn.Sequential(first, last)
     if _is_channels_last(conv.weight):
         pair = pair.to(memory_format=torch.channels_last)
@@ -181,15 +192,8 @@ def auto_decomposition(model: nn.Module,
             first_weight = _to_parameter(factors.first, weight)
             last_weight = _to_parameter(factors.last, weight)
             factors_by_weight[id(weight)] = (first_weight, last_weight)
-        pair = _build_pair(conv, mode, tuple(first_weight.shape), tuple(last_weight.shape))
-        with torch.no_grad():
-            pair[0].weight = first_weight
-            pair[1].weight = last_weight
-            if conv.bias is not None:
-                pair[1].bias.copy_(conv.bias)
-                pair[1].bias.requires_grad_(conv.bias.requires_grad)
-        if _is_channels_last(conv.weight):
-            pair = pair.to(memory_format=torch.channels_last)
+        pair = _build_pair(conv, mode, tuple(first_weight.shape), tuple(last_weight.shape),
+                           (first_weight, last_weight))
         for alias in names:
             replacements.append((alias, pair))
             records.append(DecomposeRecord(layer=_layer_info(alias, conv), mode=mode,
