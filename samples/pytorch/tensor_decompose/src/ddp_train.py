@@ -193,15 +193,21 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[Rank {rank}] Final weights checksum: {checksum}")
         checksums: list[object] = [None] * world_size
         dist.all_gather_object(checksums, checksum)
+        exit_code = 0
         if rank == 0:
             if len(set(checksums)) == 1:
                 log(f"[DDP] Final weights are identical on all {world_size} rank(s).")
             else:
                 log(f"[DDP] ERROR: final weights differ between ranks: {checksums}")
-                return 1
+                exit_code = 1
+        # all_gather_object's tensors are released by a gloo worker thread after the call
+        # returns; if that thread still holds them when the interpreter shuts down, it
+        # aborts the process ("terminate called without an active exception"). A barrier,
+        # whose work holds no Python tensors, gives the workers that time.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":
