@@ -1,12 +1,26 @@
-"""Dependencies point one way: core <- plugins; the core never imports a framework."""
+"""Dependencies point one way: core <- plugins; the core never imports a framework.
+
+The source checks read the files of this checkout and run everywhere. The metadata and import
+checks need the plugin installed (and its framework, for the import check) and skip where the
+stack under test leaves it out: the tf-latest stack installs no torch and no amct_pytorch.
+"""
 import ast
 import importlib.metadata
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = {"torch", "tensorflow", "onnx", "onnxruntime", "keras", "tf2onnx"}
+TENSORFLOW_DISTRIBUTIONS = {"tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-macos",
+                            "tensorflow-intel", "tensorflow-estimator", "keras", "tf-keras",
+                            "tf2onnx"}
 
 
 def _imported_roots(package_dir: Path) -> set[str]:
@@ -20,6 +34,30 @@ def _imported_roots(package_dir: Path) -> set[str]:
     return roots
 
 
+def _requirement_names(distribution: str) -> set[str]:
+    try:
+        requirements = importlib.metadata.requires(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed in this test environment")
+    return {canonicalize_name(Requirement(req).name) for req in requirements}
+
+
+def _modules_loaded_by(statement: str, roots: set[str]) -> list[str]:
+    """The modules under ``roots`` in sys.modules after ``statement``, in a fresh interpreter."""
+    code = (f"import json, sys; {statement};"
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{sorted(roots)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _require_importable(*modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed in this test environment")
+
+
 def test_core_source_imports_no_framework():
     roots = _imported_roots(ROOT / "packages" / "amct_core" / "src" / "amct_core")
     assert not roots & FRAMEWORKS
@@ -27,21 +65,44 @@ def test_core_source_imports_no_framework():
 
 
 def test_importing_the_core_loads_no_framework():
-    code = ("import sys, amct_core, amct_core.decompose, amct_core.logger, amct_core.errors;"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True).stdout
-    assert out.strip() == "[]"
+    loaded = _modules_loaded_by("import amct_core, amct_core.decompose, amct_core.logger, "
+                                "amct_core.errors", FRAMEWORKS)
+    assert loaded == []
 
 
 def test_pytorch_plugin_imports_no_other_plugin_or_tensorflow():
     roots = _imported_roots(ROOT / "packages" / "amct_pytorch" / "src" / "amct_pytorch")
-    assert not roots & {"tensorflow", "keras", "amct_tensorflow"}
+    assert not roots & {"tensorflow", "keras", "tf2onnx", "amct_tensorflow", "amct_onnx"}
 
 
 def test_pytorch_plugin_requires_no_tensorflow():
-    requirements = importlib.metadata.requires("amct-pytorch") or []
-    names = {req.split("@")[0].split(">")[0].split("=")[0].split(";")[0].strip().lower()
-             for req in requirements}
+    names = _requirement_names("amct-pytorch")
     assert {"amct-core", "torch"} <= names
-    assert not names & {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx"}
+    assert not names & TENSORFLOW_DISTRIBUTIONS
+
+
+def test_importing_the_pytorch_plugin_loads_no_tensorflow():
+    _require_importable("torch", "amct_pytorch")
+    loaded = _modules_loaded_by("import amct_pytorch, amct_pytorch.tensor_decompose",
+                                {"tensorflow", "keras", "tf2onnx", "amct_tensorflow"})
+    assert loaded == []
+
+
+def test_tensorflow_plugin_imports_no_other_plugin_or_torch():
+    roots = _imported_roots(ROOT / "packages" / "amct_tensorflow" / "src" / "amct_tensorflow")
+    assert not roots & {"torch", "torchvision", "amct_pytorch", "amct_onnx"}
+
+
+def test_tensorflow_plugin_requires_no_torch_or_tensorflow():
+    # TensorFlow ships as several distributions (tensorflow, tensorflow-cpu, ...): the plugin
+    # leaves the choice to the user and declares none of them.
+    names = _requirement_names("amct-tensorflow")
+    assert "amct-core" in names
+    assert not names & ({"torch", "torchvision"} | TENSORFLOW_DISTRIBUTIONS)
+
+
+def test_importing_the_tensorflow_plugin_loads_no_torch():
+    _require_importable("tensorflow", "amct_tensorflow")
+    loaded = _modules_loaded_by("import amct_tensorflow, amct_tensorflow.tensor_decompose",
+                                {"torch", "torchvision", "amct_pytorch"})
+    assert loaded == []

@@ -114,17 +114,21 @@ def _best_rank_error(kernel: np.ndarray, rank: int, first_spans_h: bool) -> floa
     return float(np.sum(singular[rank:] ** 2))
 
 
-def _check_rank_r_identity(build: Builder, tmp_path: Path, conv: str = "conv2d/Conv2D",
-                           kernel_var: str = "conv2d/kernel") -> None:
+def _check_rank_r_identity(build: Builder, tmp_path: Path, conv: str | None = "conv2d/Conv2D",
+                           kernel_var: str | None = "conv2d/kernel") -> None:
+    """``conv``/``kernel_var`` None: whatever names the framework gave the one conv."""
     meta, ckpt, data = _save_model(build, tmp_path / "base")
     save = str(tmp_path / "dec" / "model")
     new_ops = auto_decomposition(meta, ckpt, save)
+    (change,) = read_change_file(save + ".pkl")
+    conv = conv or change.conv
+    kernel_var = kernel_var or change.kernel
+    assert (change.conv, change.kernel) == (conv, kernel_var)
     assert new_ops == [f"{conv}/decom_first/decom_first", f"{conv}/decom_last/decom_last"]
     first = _tensor(save, f"{conv}/decom_first/kernel")
     last = _tensor(save, f"{conv}/decom_last/kernel")
     original = _tensor(ckpt, kernel_var)
     approx, first_spans_h = _reconstruct(first, last)
-    (change,) = read_change_file(save + ".pkl")
     assert first.shape[3] == last.shape[2] == change.rank
     error = float(np.sum((original.astype(np.float64) - approx) ** 2))
     assert error == pytest.approx(_best_rank_error(original, change.rank, first_spans_h),
@@ -183,19 +187,20 @@ def test_tf_layers_conv2d(tmp_path):
     _check_rank_r_identity(build, tmp_path)
 
 
-def test_keras2_conv2d_layer(tmp_path):
+def test_keras_conv2d_layer(tmp_path):
+    """A tf.keras Conv2D in a TF1 graph: Keras 2 (TF 2.15) names the op conv2d/Conv2D, Keras 3
+    (TF >= 2.16) conv2d/convolution; both are decomposed."""
     import keras as keras_package
 
-    if not keras_package.__version__.startswith("2."):
-        pytest.skip(f"Keras {keras_package.__version__} has no TF1 graph mode; Keras-2 layers "
-                    f"come with TF <= 2.15")
     keras = tf.keras
 
     def build():
         x = tf1.placeholder(tf.float32, [None, 10, 10, 64], name="x")
         y = keras.layers.Conv2D(64, 3, padding="same", name="conv2d")(x)
         return x, tf.identity(y, name="out")
-    _check_rank_r_identity(build, tmp_path)
+    keras_2 = keras_package.__version__.startswith("2.")
+    _check_rank_r_identity(build, tmp_path, conv="conv2d/Conv2D" if keras_2 else None,
+                           kernel_var="conv2d/kernel")
 
 
 def test_ref_variables(tmp_path):
