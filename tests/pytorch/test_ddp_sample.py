@@ -114,7 +114,6 @@ def test_two_process_online_decomposition(tmp_path: Path) -> None:
 
     digests = checksums(out)
     assert digests[0] == digests[1], "ranks ended with different weights"
-    assert "[default0]:[DDP] Final weights are identical on all 2 rank(s)." in out
 
     # The saved checkpoint is exactly what rank 1 holds: recompute its checksum here.
     code = (
