@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_lapack_funcs
+from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_blas_funcs, get_lapack_funcs
 
 from amct_core.decompose.applicability import DecomposeMode, _pair, select_mode
 from amct_core.decompose.rank import select_rank
@@ -91,6 +91,70 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
     shape = weight.shape
     num_rows = shape[rows[0]] * shape[rows[1]]
     return weight.transpose(rows + cols).reshape(num_rows, -1)
+
+
+#: Columns of Y per block when G = Y Yᵀ and the core U_rᵀ Y are accumulated block by block.
+BLOCK_COLUMNS = 2048
+
+
+def _column_blocks(weight: np.ndarray, mode: DecomposeMode):
+    """Yield (column slice, Y[:, slice]) in blocks of whole channels of the column axis.
+
+    Y is never materialised: each block is unfolded from a slice of the kernel, so the extra
+    memory is one block (L × ~BLOCK_COLUMNS) instead of a second copy of the kernel.
+    """
+    rows, cols, _, _ = _LAYOUT[mode]
+    channel_axis, kernel_axis = cols
+    per_channel = weight.shape[kernel_axis]
+    channels = weight.shape[channel_axis]
+    step = max(1, BLOCK_COLUMNS // per_channel)
+    num_rows = weight.shape[rows[0]] * weight.shape[rows[1]]
+    for start in range(0, channels, step):
+        stop = min(channels, start + step)
+        index = [slice(None)] * 4
+        index[channel_axis] = slice(start, stop)
+        part = weight[tuple(index)].transpose(rows + cols)
+        block = np.asfortranarray(part.reshape(num_rows, -1))
+        yield slice(start * per_channel, stop * per_channel), block
+
+
+def _gram(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
+    """The lower triangle of G = Y Yᵀ (Fortran order), accumulated with BLAS syrk."""
+    rows = _LAYOUT[mode][0]
+    num_rows = weight.shape[rows[0]] * weight.shape[rows[1]]
+    gram = np.zeros((num_rows, num_rows), dtype=weight.dtype, order="F")
+    syrk = get_blas_funcs("syrk", (gram,))
+    for _, block in _column_blocks(weight, mode):
+        gram = syrk(1.0, block, beta=1.0, c=gram, trans=0, lower=1, overwrite_c=1)
+    return gram
+
+
+def _core(u_r: np.ndarray, weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
+    """U_rᵀ Y, block by block."""
+    cols = _LAYOUT[mode][1]
+    num_cols = weight.shape[cols[0]] * weight.shape[cols[1]]
+    core = np.empty((u_r.shape[1], num_cols), dtype=weight.dtype)
+    u_t = np.ascontiguousarray(u_r.T)
+    for columns, block in _column_blocks(weight, mode):
+        core[:, columns] = u_t @ block
+    return core
+
+
+def _compact_below_subdiagonal(reflectors: np.ndarray) -> np.ndarray:
+    """``reflectors[1:, :-1]`` as a Fortran-contiguous array, in the same memory.
+
+    LAPACK wants the (n-1)×(n-1) block that holds the Householder vectors of ``sytrd`` as a
+    contiguous column-major array; slicing would make a copy as large as G. Moving each
+    column down to its packed place, first to last, never overwrites data not yet moved
+    (the destination of column j ends before the source of column j+1 starts).
+    """
+    n = reflectors.shape[0]
+    flat = reflectors.reshape(-1, order="F")
+    if not np.shares_memory(flat, reflectors):
+        raise DecompositionError("internal error: the reflectors are not Fortran-contiguous")
+    for j in range(n - 1):
+        flat[j * (n - 1):(j + 1) * (n - 1)] = flat[j * n + 1:(j + 1) * n]
+    return flat[:(n - 1) * (n - 1)].reshape((n - 1, n - 1), order="F")
 
 
 def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
@@ -168,7 +232,7 @@ def _gram_spectrum_and_top_vectors(
     small = np.asfortranarray(small[:, ::-1].astype(gram.dtype, copy=False))
     # Q = diag(1, Q'), Q' the product of the reflectors stored below the subdiagonal: the
     # same storage as a QR factorisation of reflectors[1:, :-1].
-    below = reflectors[1:, :-1]
+    below = _compact_below_subdiagonal(reflectors)
     tail = small[1:]
     _, work, _ = ormqr(b"L", b"N", below, tau, tail, -1)
     rotated, _, info = ormqr(b"L", b"N", below, tau, tail, int(work[0]), overwrite_c=1)
@@ -201,13 +265,10 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
     if compute_dtype is None:
         compute_dtype = np.float64 if weight.size <= FLOAT64_MAX_ELEMENTS else np.float32
     work = weight.astype(compute_dtype, copy=False)
-    y = np.ascontiguousarray(unfold_weight(work, mode))
-    num_rows = y.shape[0]
-    # G is symmetric, so its transpose is the Fortran-ordered array LAPACK wants, without a
-    # copy. Y is dropped while G is reduced and unfolded again for the core: peak memory is
-    # the kernel plus two L×M arrays.
-    gram = (y @ y.T).T
-    del y
+    # Y is never formed: G (lower triangle, Fortran order as LAPACK wants it) and the core
+    # are accumulated over column blocks. Peak memory is the kernel, G and one block.
+    gram = _gram(work, mode)
+    num_rows = gram.shape[0]
     cout, cin, kh, kw = weight.shape
     evbmf: list[int] = []
 
@@ -223,7 +284,7 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
 
     singular, u_r = _gram_spectrum_and_top_vectors(gram, choose_rank)
     del gram
-    core = u_r.T @ unfold_weight(work, mode)
+    core = _core(u_r, work, mode)
     first, last = _fold(u_r, core, weight.shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
