@@ -7,6 +7,7 @@ from amct_core.decompose import (
     decompose_conv_weight,
     factor_shapes,
     factorize_kernel,
+    mrrr,
     select_mode,
     split_conv_attributes,
     unfold_weight,
@@ -145,25 +146,75 @@ def test_both_tridiagonal_methods_give_the_optimum(monkeypatch, max_rows):
 
 
 def test_tridiagonal_fallback_and_double_failure(monkeypatch):
-    real = spatial_svd_module.eigh_tridiagonal
+    real_bisection = spatial_svd_module.eigh_tridiagonal
+    real_mrrr = mrrr.top_eigenvectors
     calls = []
 
     def flaky(*args, lapack_driver, **kwargs):
         calls.append(lapack_driver)
         if lapack_driver == "stebz":
             raise np.linalg.LinAlgError("stebz did not converge")
-        return real(*args, lapack_driver=lapack_driver, **kwargs)
+        return real_bisection(*args, lapack_driver=lapack_driver, **kwargs)
+
+    def counted(*args, **kwargs):
+        calls.append("mrrr")
+        return real_mrrr(*args, **kwargs)
 
     monkeypatch.setattr(spatial_svd_module, "eigh_tridiagonal", flaky)
+    monkeypatch.setattr(mrrr, "top_eigenvectors", counted)
     weight = kernel((64, 64, 3, 3), seed=12)
     factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=32)
-    assert calls == ["stebz", "stemr"]
+    assert calls == ["stebz", "mrrr"]
     np.testing.assert_allclose(np.sum((compose(factors.first, factors.last) - weight) ** 2),
                                factors.residual_energy, rtol=1e-9)
 
-    def broken(*args, lapack_driver, **kwargs):
+    def broken(*args, lapack_driver="stemr", **kwargs):
         raise np.linalg.LinAlgError(f"{lapack_driver} did not converge")
 
     monkeypatch.setattr(spatial_svd_module, "eigh_tridiagonal", broken)
+    monkeypatch.setattr(mrrr, "top_eigenvectors", broken)
     with pytest.raises(DecompositionError, match="no convergence of the tridiagonal"):
         factorize_kernel(weight, DecomposeMode.SCFK, rank=32)
+
+
+@pytest.mark.parametrize("n, rank", [(1, 1), (2, 1), (50, 7), (300, 300)])
+def test_mrrr_top_eigenvectors_match_a_dense_solver(n, rank):
+    rng = np.random.default_rng(n)
+    diag, offdiag = rng.standard_normal(n), rng.standard_normal(n - 1)
+    values, vectors = mrrr.top_eigenvectors(diag, offdiag, rank)
+    dense = np.diag(diag) + np.diag(offdiag, 1) + np.diag(offdiag, -1)
+    expected = np.linalg.eigvalsh(dense)[n - rank:]
+    np.testing.assert_allclose(values, expected, rtol=1e-10, atol=1e-12)
+    assert vectors.shape == (n, rank) and vectors.flags.f_contiguous
+    np.testing.assert_allclose(dense @ vectors, vectors * values, atol=1e-10)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(rank), atol=1e-10)
+    with pytest.raises(ValueError, match="rank must be in"):
+        mrrr.top_eigenvectors(diag, offdiag, n + 1)
+
+
+def test_kernel_loader_gives_the_same_factors_and_is_called_twice():
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((64, 96, 3, 3))
+    calls = []
+
+    def load():
+        calls.append(1)
+        return weight.copy()
+
+    from_array = factorize_kernel(weight, DecomposeMode.FCFK)
+    from_loader = factorize_kernel(load, DecomposeMode.FCFK)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(from_loader.first, from_array.first)
+    np.testing.assert_array_equal(from_loader.last, from_array.last)
+    assert from_loader.rank == from_array.rank
+
+
+def test_kernel_loader_must_return_the_same_shape():
+    shapes = iter([(64, 64, 3, 3), (64, 64, 3, 5)])
+
+    def load():
+        return np.ones(next(shapes)) + np.eye(64)[:, :, None, None]
+
+    with pytest.raises(DecompositionError, match="returned shape \\(64, 64, 3, 5\\) on its "
+                                                 "second call"):
+        factorize_kernel(load, DecomposeMode.SCFK)

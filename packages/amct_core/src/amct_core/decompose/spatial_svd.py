@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_blas_funcs, get_lapack_funcs
 
+from amct_core.decompose import mrrr
 from amct_core.decompose.applicability import DecomposeMode, _pair, select_mode
 from amct_core.decompose.rank import select_rank
 from amct_core.errors import DecompositionError
@@ -182,22 +183,31 @@ def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
 BISECTION_MAX_ROWS = 8192
 
 
+def _mrrr(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
+    """MRRR in float64, with an n × rank eigenvector array (see :mod:`.mrrr`)."""
+    if mrrr.available():
+        return mrrr.top_eigenvectors(diag, offdiag, rank)[1]
+    rows = diag.shape[0]  # pragma: no cover - SciPy's driver, n × n eigenvector array
+    return eigh_tridiagonal(diag.astype(np.float64), offdiag.astype(np.float64), select="i",
+                            select_range=(rows - rank, rows - 1), lapack_driver="stemr")[1]
+
+
+def _bisection(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
+    rows = diag.shape[0]
+    return eigh_tridiagonal(diag, offdiag, select="i", select_range=(rows - rank, rows - 1),
+                            lapack_driver="stebz")[1]
+
+
 def _tridiagonal_top_vectors(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
     """Eigenvectors of the top ``rank`` eigenvalues of a symmetric tridiagonal matrix,
     ascending. Either method falls back to the other if LAPACK reports no convergence."""
-    rows = diag.shape[0]
-    span = (rows - rank, rows - 1)
-    bisection = (diag, offdiag, "stebz")
-    mrrr = (diag.astype(np.float64), offdiag.astype(np.float64), "stemr")
-    first, second = (bisection, mrrr) if rows <= BISECTION_MAX_ROWS else (mrrr, bisection)
+    methods = (_bisection, _mrrr) if diag.shape[0] <= BISECTION_MAX_ROWS else (_mrrr, _bisection)
     try:
-        return eigh_tridiagonal(first[0], first[1], select="i", select_range=span,
-                                lapack_driver=first[2])[1]
+        return methods[0](diag, offdiag, rank)
     except np.linalg.LinAlgError:
         pass
     try:
-        return eigh_tridiagonal(second[0], second[1], select="i", select_range=span,
-                                lapack_driver=second[2])[1]
+        return methods[1](diag, offdiag, rank)
     except np.linalg.LinAlgError as error:
         raise DecompositionError(f"no convergence of the tridiagonal eigenvectors "
                                  f"({error})") from error
@@ -244,15 +254,7 @@ def _gram_spectrum_and_top_vectors(
     return singular, vectors
 
 
-def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None = None,
-                     compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
-    """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
-
-    No applicability check: callers use :func:`decompose_conv_weight` for that. The factors
-    are returned in the compute precision (float64 for small kernels, float32 for large ones
-    unless ``compute_dtype`` says otherwise).
-    """
-    _check_mode(mode)
+def _checked_kernel(weight: np.ndarray) -> np.ndarray:
     weight = np.asarray(weight)
     if weight.ndim != 4:
         raise DecompositionError(f"a conv kernel must be 4-D (Cout, Cin, KH, KW), got shape "
@@ -262,21 +264,42 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
                                  f"float32 and float64 kernels can be decomposed")
     if not np.all(np.isfinite(weight)):
         raise DecompositionError("the kernel contains NaN or Inf values")
+    return weight
+
+
+def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: DecomposeMode,
+                     rank: int | None = None,
+                     compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
+    """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
+
+    ``weight`` is the kernel, or a function returning it: a plugin whose kernels live on disk
+    (a TensorFlow checkpoint) passes a loader, which is called twice (for G, then for the
+    core), so the kernel is not held while the spectrum is computed and peak memory is one
+    kernel-sized array lower. No applicability check: callers use
+    :func:`decompose_conv_weight` for that. The factors are returned in the compute precision
+    (float64 for small kernels, float32 for large ones unless ``compute_dtype`` says
+    otherwise).
+    """
+    _check_mode(mode)
+    load = weight if callable(weight) else None
+    kernel = _checked_kernel(load() if load is not None else weight)
+    shape = kernel.shape
     if compute_dtype is None:
-        compute_dtype = np.float64 if weight.size <= FLOAT64_MAX_ELEMENTS else np.float32
-    work = weight.astype(compute_dtype, copy=False)
+        compute_dtype = np.float64 if kernel.size <= FLOAT64_MAX_ELEMENTS else np.float32
     # Y is never formed: G (lower triangle, Fortran order as LAPACK wants it) and the core
     # are accumulated over column blocks. Peak memory is the kernel, G and one block.
-    gram = _gram(work, mode)
+    gram = _gram(kernel.astype(compute_dtype, copy=False), mode)
+    if load is not None:
+        del kernel
     num_rows = gram.shape[0]
-    cout, cin, kh, kw = weight.shape
+    cout, cin, kh, kw = shape
     evbmf: list[int] = []
 
     def choose_rank(singular: np.ndarray) -> int:
         if rank is not None:
             if not 1 <= int(rank) <= num_rows:
                 raise DecompositionError(f"rank must be in [1, {num_rows}] for a kernel of "
-                                         f"shape {weight.shape}, got {rank}")
+                                         f"shape {shape}, got {rank}")
             return int(rank)
         chosen, raw = select_rank(singular, cout, cin, (kh, kw))
         evbmf.append(raw)
@@ -284,8 +307,14 @@ def factorize_kernel(weight: np.ndarray, mode: DecomposeMode, rank: int | None =
 
     singular, u_r = _gram_spectrum_and_top_vectors(gram, choose_rank)
     del gram
-    core = _core(u_r, work, mode)
-    first, last = _fold(u_r, core, weight.shape, mode)
+    if load is not None:
+        kernel = np.asarray(load())
+        if kernel.shape != shape:
+            raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on its "
+                                     f"second call, {shape} on its first")
+    core = _core(u_r, kernel.astype(compute_dtype, copy=False), mode)
+    del kernel
+    first, last = _fold(u_r, core, shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
                              evbmf_rank=evbmf[0] if evbmf else None)

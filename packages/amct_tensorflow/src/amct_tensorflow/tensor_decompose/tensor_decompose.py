@@ -154,12 +154,19 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
     mode = group[0].mode()
     if mode == DecomposeMode.UNCHANGE:
         return []
+    # The solver asks for the kernel twice (for G, then for the core) and does not hold it in
+    # between: the first call gets the array read above, the second reads it again.
+    pending = [value]
+    del value
+
+    def load_kernel() -> np.ndarray:
+        return hwio_to_oihw(pending.pop() if pending else reader.get_tensor(kernel))
+
     try:
-        factors = factorize_kernel(hwio_to_oihw(value), mode)
+        factors = factorize_kernel(load_kernel, mode)
     except DecompositionError as error:
         logger.warning("Conv '%s' is not decomposed: %s", group[0].name, error)
         return []
-    del value
     logger.debug("Conv '%s': mode %s, rank %d (EVBMF rank %s)", group[0].name, mode.name,
                  factors.rank, factors.evbmf_rank)
     if factors.evbmf_rank == 0:
