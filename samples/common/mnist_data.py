@@ -21,6 +21,8 @@ import gzip
 import importlib.util
 import io
 import os
+import shutil
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -329,3 +331,20 @@ def load_mnist(data_path: str | os.PathLike[str] | None = "data",
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{looked}, and {error}") from error
     return subset._replace(source=f"{subset.source}: {looked}")
+
+
+def download_file(url: str, target: Path, timeout_s: float = 60.0) -> None:
+    """Fetch ``url`` into ``target`` through ``<target>.part``, renamed when complete.
+
+    Used only by the ``scripts/download_mnist.py`` of the samples, never at test or training
+    time. Raises ``urllib.error.URLError`` / ``OSError`` / ``ValueError`` as urllib does.
+    """
+    partial = target.with_name(f"{target.name}.part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response, \
+                open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            partial.unlink()

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from log_lines import AMCT, assert_in_order
-
-REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "samples"
-SAMPLE = SAMPLES / "pytorch" / "tensor_decompose"
+from sample_runs import AMCT, assert_in_order, copy_samples
 
 TEST_LINE = re.compile(
     r"^\[default0\]:\[Test\] Loss: \d+\.\d{6}, Accuracy: (\d+\.\d{2})% \((\d+)/(\d+)\)$", re.M)
@@ -70,10 +65,7 @@ def checksums(output: str) -> dict[int, str]:
 
 
 def test_two_process_online_decomposition(tmp_path: Path) -> None:
-    ignore = shutil.ignore_patterns("__pycache__", "model", "data", "amct_log")
-    shutil.copytree(SAMPLES / "common", tmp_path / "samples" / "common", ignore=ignore)
-    workdir = tmp_path / "samples" / "pytorch" / "tensor_decompose"
-    shutil.copytree(SAMPLE, workdir, ignore=ignore)
+    workdir = copy_samples(tmp_path, "pytorch/tensor_decompose")
 
     base = launch(workdir, "torch.distributed.launch", "--save-path", "model/ddp/baseline.pth",
                   "--steps", "15", *FAST)

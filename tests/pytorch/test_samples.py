@@ -6,10 +6,8 @@ and ./amct_log stay out of the repository), on the embedded MNIST subset, with f
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +16,14 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from log_lines import amct_messages, assert_in_order
+from sample_runs import (
+    amct_messages,
+    assert_in_order,
+    copy_samples,
+    load_module,
+    run_script,
+    script_env,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
@@ -48,14 +53,6 @@ FAST = ["--train-batch-size", "64", "--test-batch-size", "500", "--log-steps", "
 # --------------------------------------------------------------------------- helpers
 
 
-def load_module(path: Path, name: str) -> ModuleType:
-    """Import a file under a unique module name (sample modules have generic names)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -72,30 +69,10 @@ def subset(mnist_data: ModuleType):
     return mnist_data.load_embedded_subset()
 
 
-def copy_samples(dest: Path) -> Path:
-    """Copy samples/common and the sample folder to ``dest``; return the sample copy."""
-    ignore = shutil.ignore_patterns("__pycache__", "model", "data", "amct_log")
-    shutil.copytree(SAMPLES / "common", dest / "samples" / "common", ignore=ignore)
-    target = dest / "samples" / "pytorch" / "tensor_decompose"
-    shutil.copytree(SAMPLE, target, ignore=ignore)
-    return target
 
 
-def script_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                "PYTHONDONTWRITEBYTECODE": "1"})
-    return env
 
 
-def run_script(cwd: Path, *args: str, expect_rc: int = 0) -> str:
-    """Run ``python <args>`` in ``cwd``; return stdout and stderr together."""
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=script_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == expect_rc, (
-        f"{' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}")
-    return proc.stdout
 
 
 
@@ -346,7 +323,7 @@ def test_valid_arguments_and_defaults(sample_modules: dict[str, ModuleType],
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_samples(tmp_path_factory.mktemp("td_sample"))
+    return copy_samples(tmp_path_factory.mktemp("td_sample"), "pytorch/tensor_decompose")
 
 
 @pytest.fixture(scope="module")

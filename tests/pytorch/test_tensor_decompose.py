@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from log_lines import amct_messages
+from sample_runs import amct_messages
 from torch import nn
 
 from amct_core.errors import AmctError, InfoFileError, ModelMismatchError

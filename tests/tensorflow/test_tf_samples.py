@@ -8,10 +8,7 @@ the Session scripts and once with the Estimator scripts (TensorFlow <= 2.15 only
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +17,20 @@ from types import ModuleType
 import numpy as np
 import pytest
 import tensorflow as tf
+from sample_runs import (
+    AMCT,
+    amct_messages,
+    assert_in_order,
+    copy_samples,
+    load_module,
+    run_script,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 SAMPLE = SAMPLES / "tensorflow" / "tensor_decompose"
 MNIST_DATA_FILE = SAMPLES / "common" / "mnist_data.py"
 
-AMCT = "[AMCT]:[AMCT]: "
 ACCURACY_LINE = re.compile(r"^Validation Accuracy: (\d\.\d{4})$", re.M)
 DECOMPOSE_LINE = ("Decompose conv2d_1/Conv2D -> ['conv2d_1/Conv2D/decom_first/decom_first', "
                   "'conv2d_1/Conv2D/decom_last/decom_last']")
@@ -65,58 +69,16 @@ needs_estimator = pytest.mark.skipif(
 # --------------------------------------------------------------------------- helpers
 
 
-def load_module(path: Path, name: str) -> ModuleType:
-    """Import a file under a unique module name (sample modules have generic names)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-def copy_samples(dest: Path) -> Path:
-    """Copy samples/common and the sample folder to ``dest``; return the sample copy."""
-    ignore = shutil.ignore_patterns("__pycache__", "model", "data", "amct_log")
-    shutil.copytree(SAMPLES / "common", dest / "samples" / "common", ignore=ignore)
-    target = dest / "samples" / "tensorflow" / "tensor_decompose"
-    shutil.copytree(SAMPLE, target, ignore=ignore)
-    return target
 
 
-def script_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                "PYTHONDONTWRITEBYTECODE": "1"})
-    return env
 
 
-def run_script(cwd: Path, *args: str, expect_rc: int = 0) -> str:
-    """Run ``python <args>`` in ``cwd``; return stdout and stderr together."""
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=script_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == expect_rc, (
-        f"{' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}")
-    return proc.stdout
 
 
-def amct_messages(output: str) -> list[str]:
-    """The message part of every AMCT log line in ``output``, in order."""
-    return [line.split(AMCT, 1)[1] for line in output.splitlines() if AMCT in line]
 
 
-def assert_in_order(messages: list[str], expected: list[str]) -> None:
-    """Each expected message starts one of ``messages``, in this order (others may be between)."""
-    position = 0
-    for wanted in expected:
-        for index in range(position, len(messages)):
-            if messages[index].startswith(wanted):
-                position = index + 1
-                break
-        else:
-            raise AssertionError(f"AMCT log line {wanted!r} missing or out of order in "
-                                 f"{messages}")
 
 
 def validation_accuracy(output: str) -> str:
@@ -214,7 +176,7 @@ def subset():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return copy_samples(tmp_path_factory.mktemp("tf_td_sample"))
+    return copy_samples(tmp_path_factory.mktemp("tf_td_sample"), "tensorflow/tensor_decompose")
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +271,7 @@ def test_decompose_error_is_clear(workdir: Path, session_flow: dict[str, str]) -
 @pytest.mark.slow
 def test_training_reads_mnist_npz(tmp_path: Path, subset) -> None:
     """--data_path is honoured: mnist.npz there is used, a broken one is an error naming it."""
-    workdir = copy_samples(tmp_path)
+    workdir = copy_samples(tmp_path, "tensorflow/tensor_decompose")
     data = workdir / "mnist_here"
     data.mkdir()
     np.savez(data / "mnist.npz", x_train=subset.train_images[:512],
@@ -366,7 +328,7 @@ def test_estimator_refuses_to_resume(workdir: Path, estimator_flow: dict[str, st
                                                  f"{tf.__version__}")
 @pytest.mark.parametrize("script", ["estimator_train.py", "estimator_finetune.py"])
 def test_estimator_scripts_fail_clearly_without_estimator(tmp_path: Path, script: str) -> None:
-    workdir = copy_samples(tmp_path)
+    workdir = copy_samples(tmp_path, "tensorflow/tensor_decompose")
     args = ["--data_path=data", "--ckpt_path=model/estimator/x/model"]
     if script == "estimator_finetune.py":
         args.append("--save_path=model/estimator/decompose/model")

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 # samples/common holds mnist_data.py, shared by the samples.
@@ -52,19 +51,6 @@ def _validate(path: Path, base_name: str) -> int:
     return len(mnist_data.read_idx_labels(path))
 
 
-def _download(url: str, target: Path) -> None:
-    """Fetch ``url`` into ``target`` through a temporary file."""
-    partial = target.with_name(f"{target.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, \
-                open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
-
-
 def fetch_file(base_name: str, raw_dir: Path, mirrors: list[str]) -> int:
     """Make sure ``<raw_dir>/<base_name>.gz`` and its decompressed copy exist and are valid."""
     gz_path = raw_dir / f"{base_name}.gz"
@@ -82,7 +68,7 @@ def fetch_file(base_name: str, raw_dir: Path, mirrors: list[str]) -> int:
             url = mirror.rstrip("/") + "/" + gz_path.name
             print(f"Downloading {url}")
             try:
-                _download(url, gz_path)
+                mnist_data.download_file(url, gz_path, TIMEOUT_S)
                 _validate(gz_path, base_name)
                 break
             except (urllib.error.URLError, OSError, ValueError) as error:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
 import sys
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 # samples/common holds mnist_data.py, shared by the samples.
@@ -53,19 +50,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, target: Path) -> None:
-    """Fetch ``url`` into ``target`` through a temporary file."""
-    partial = target.with_name(f"{target.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, \
-                open(partial, "wb") as out:
-            shutil.copyfileobj(response, out)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
-
-
 def check(path: Path, url: str) -> mnist_data.MnistData:
     """Check a downloaded mnist.npz; raise MnistDataError naming the problem."""
     if url == DEFAULT_URL:
@@ -92,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     data_path.mkdir(parents=True, exist_ok=True)
     print(f"Downloading {args.url}")
     try:
-        download(args.url, target)
+        mnist_data.download_file(args.url, target, TIMEOUT_S)
     except (urllib.error.URLError, OSError, ValueError) as error:
         print(f"Could not download {args.url}: {getattr(error, 'reason', error)}\n"
               f"No network access? Without MNIST in {data_path}, the samples fall back to the "

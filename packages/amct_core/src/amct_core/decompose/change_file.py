@@ -24,10 +24,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from amct_core.atomic_file import write_atomically
 from amct_core.errors import AmctFileNotFoundError, InfoFileError
 
 FORMAT = "amct-tensorflow-decompose"
@@ -108,20 +108,7 @@ def write_change_file(path: str | os.PathLike, changes: Iterable[ConvChange]) ->
     path = os.fspath(path)
     data = {"format": FORMAT, "version": VERSION,
             "convs": [change.to_data() for change in changes]}
-    payload = pickle.dumps(data, protocol=4)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.chmod(tmp, 0o640)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomically(path, pickle.dumps(data, protocol=4))
 
 
 def _fail(path: str, where: str, message: str) -> InfoFileError:

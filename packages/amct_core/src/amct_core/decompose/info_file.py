@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from amct_core.atomic_file import write_atomically
 from amct_core.decompose.applicability import DecomposeMode
 from amct_core.decompose.spatial_svd import factor_shapes
 from amct_core.errors import AmctFileNotFoundError, InfoFileError
 
 _LAYER_KEYS = ("name", "in_channels", "out_channels", "kernel_size", "stride", "dilation",
                "groups")
-FILE_MODE = 0o640
 
 
 @dataclass(frozen=True)
@@ -75,19 +74,8 @@ def write_decompose_info(path: str | os.PathLike, records: Iterable[DecomposeRec
         raise InfoFileError(f"Cannot save the decomposition information file to '{path}': it "
                             f"is a directory. Give a file path such as "
                             f"'{os.path.join(path, 'decompose_info.json')}'.")
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     payload = [record.to_json() for record in records]
-    handle, temporary = tempfile.mkstemp(prefix=".decompose_info.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent="\t")
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, json.dumps(payload, indent="\t").encode("utf-8"))
     return path
 
 
