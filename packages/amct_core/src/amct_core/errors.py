@@ -33,3 +33,19 @@ class ModelMismatchError(AmctValueError):
 
 class DecompositionError(AmctValueError):
     """A weight cannot be decomposed (wrong rank, NaN/Inf, unsupported dtype)."""
+
+
+class ConfigError(AmctValueError):
+    """A quantization config (JSON or .cfg) cannot be read or does not follow the schema."""
+
+
+class RecordFileError(AmctValueError):
+    """A quantization record file is missing, corrupt, or lacks factors a layer needs."""
+
+
+class QuantizationError(AmctValueError):
+    """A tensor cannot be quantized (bias out of the int32 range, bad bit width ...)."""
+
+
+class UnsupportedLayerError(AmctValueError):
+    """A layer named for quantization is of a type or configuration that cannot be quantized."""
