@@ -55,18 +55,21 @@ _NOT_ON_TF_LATEST = ("--ignore=tests/pytorch",)
 def tests(session: nox.Session, stack: str) -> None:
     """The test suite on one stack; ``nox -s tests`` runs both, pinned first.
 
-    ``pinned``: everything (core, PyTorch plugin and samples, two-process DDP, TensorFlow 2.15
-    Session and Estimator). ``tf-latest``: core and TensorFlow plugin on TensorFlow 2.21, where
-    the Estimator tests skip since tf.estimator no longer exists; torch is not installed.
+    ``pinned``: everything (core, ONNX quantization, PyTorch plugin and samples, two-process
+    DDP, TensorFlow 2.15 Session and Estimator, the protobuf modules checked against protoc).
+    ``tf-latest``: core, ONNX quantization and TensorFlow plugin on TensorFlow 2.21 (numpy 2,
+    protobuf 7, onnx 1.23), where the Estimator tests skip since tf.estimator no longer exists;
+    torch is not installed.
     """
     if stack == "pinned":
         session.install("-c", CONSTRAINTS, "./packages/amct_pytorch",
-                        "./packages/amct_tensorflow", *_TF_PINNED, "pytest")
+                        "./packages/amct_tensorflow", *_TF_PINNED, "pytest", "grpcio-tools",
+                        "scikit-learn")
         _install_mnist(session, CONSTRAINTS)
         paths = ["tests"]
     else:
-        session.install("-c", CONSTRAINTS_TF_LATEST, "./packages/amct_tensorflow", *_TF_LATEST,
-                        "pytest")
+        session.install("-c", CONSTRAINTS_TF_LATEST, "./packages/amct_tensorflow",
+                        "./packages/amct_onnx", *_TF_LATEST, "pytest", "scikit-learn")
         _install_mnist(session, CONSTRAINTS_TF_LATEST)
         paths = ["tests", *_NOT_ON_TF_LATEST]
     # `nox -s tests -- -k name` runs both stacks; a selection with nothing on one of them

@@ -1,4 +1,5 @@
-"""Dependencies point one way: core <- plugins; the core never imports a framework.
+"""Dependencies point one way: core <- onnx <- plugins; the core never imports a framework,
+amct_onnx never imports a training framework, and the plugins never import each other.
 
 The source checks read the files of this checkout and run everywhere. The metadata and import
 checks need the plugin installed (and its framework, for the import check) and skip where the
@@ -70,21 +71,49 @@ def test_importing_the_core_loads_no_framework():
     assert loaded == []
 
 
+def test_onnx_package_imports_no_training_framework_or_plugin():
+    roots = _imported_roots(ROOT / "packages" / "amct_onnx" / "src" / "amct_onnx")
+    assert "amct_core" in roots and "onnx" in roots
+    assert not roots & {"torch", "torchvision", "tensorflow", "keras", "tf2onnx",
+                        "amct_pytorch", "amct_tensorflow"}
+
+
+def test_onnx_package_requires_no_training_framework():
+    names = _requirement_names("amct-onnx")
+    assert {"amct-core", "onnx", "onnxruntime"} <= names
+    assert not names & ({"torch", "torchvision"} | TENSORFLOW_DISTRIBUTIONS)
+
+
+def test_importing_the_onnx_package_loads_no_training_framework():
+    _require_importable("onnx", "onnxruntime", "amct_onnx")
+    loaded = _modules_loaded_by("import amct_onnx, amct_onnx.cli",
+                                {"torch", "tensorflow", "keras", "amct_pytorch",
+                                 "amct_tensorflow"})
+    assert loaded == []
+
+
 def test_pytorch_plugin_imports_no_other_plugin_or_tensorflow():
     roots = _imported_roots(ROOT / "packages" / "amct_pytorch" / "src" / "amct_pytorch")
-    assert not roots & {"tensorflow", "keras", "tf2onnx", "amct_tensorflow", "amct_onnx"}
+    assert not roots & {"tensorflow", "keras", "tf2onnx", "amct_tensorflow"}
 
 
 def test_pytorch_plugin_requires_no_tensorflow():
     names = _requirement_names("amct-pytorch")
-    assert {"amct-core", "torch"} <= names
+    assert {"amct-core", "amct-onnx", "torch"} <= names
     assert not names & TENSORFLOW_DISTRIBUTIONS
 
 
 def test_importing_the_pytorch_plugin_loads_no_tensorflow():
     _require_importable("torch", "amct_pytorch")
-    loaded = _modules_loaded_by("import amct_pytorch, amct_pytorch.tensor_decompose",
+    loaded = _modules_loaded_by("import amct_pytorch, amct_pytorch.tensor_decompose; "
+                                "amct_pytorch.quantize_model",
                                 {"tensorflow", "keras", "tf2onnx", "amct_tensorflow"})
+    assert loaded == []
+
+
+def test_tensor_decompose_does_not_load_onnx_runtime():
+    _require_importable("torch", "amct_pytorch")
+    loaded = _modules_loaded_by("import amct_pytorch.tensor_decompose", {"onnxruntime"})
     assert loaded == []
 
 

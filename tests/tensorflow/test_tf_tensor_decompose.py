@@ -17,8 +17,6 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tf1 = tf.compat.v1
 
-from amct_tensorflow.tensor_decompose import auto_decomposition, decompose_graph  # noqa: E402
-
 from amct_core.decompose.change_file import read_change_file  # noqa: E402
 from amct_core.errors import (  # noqa: E402
     AmctFileNotFoundError,
@@ -27,6 +25,7 @@ from amct_core.errors import (  # noqa: E402
     InfoFileError,
     ModelMismatchError,
 )
+from amct_tensorflow.tensor_decompose import auto_decomposition, decompose_graph  # noqa: E402
 
 AMCT = "[AMCT]:[AMCT]: "
 Builder = Callable[[], tuple]

@@ -1,5 +1,35 @@
 """amct_pytorch: the PyTorch plugin of the AMCT model-compression toolkit.
 
-Tensor decomposition lives in :mod:`amct_pytorch.tensor_decompose`.
+Graph-based post-training quantization (reference §3.1): :func:`create_quant_config`,
+:func:`quantize_model` and :func:`save_model`; the eager API of the seed's first example:
+:func:`quantize` and :func:`convert`. Tensor decomposition lives in
+:mod:`amct_pytorch.tensor_decompose`. The quantization API is imported on first use, so
+``import amct_pytorch.tensor_decompose`` does not load ONNX Runtime.
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "create_quant_config": "amct_pytorch.ptq.quantize_tool",
+    "quantize_model": "amct_pytorch.ptq.quantize_tool",
+    "save_model": "amct_pytorch.ptq.quantize_tool",
+    "quantize": "amct_pytorch.eager.quantize",
+    "convert": "amct_pytorch.eager.quantize",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'amct_pytorch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,1 @@
+"""The eager quantization API: quantize and convert (seed 004, first example)."""
