@@ -178,3 +178,33 @@ def test_shared_layer_is_not_quantized(tmp_path, mnist):
     amct.create_quant_config(str(tmp_path / "c.json"), Shared().eval(), x[:2])
     config = json.loads((tmp_path / "c.json").read_text())
     assert "conv" in config and "twice" not in config
+
+
+def test_conv3d_layers_are_quantized_like_the_fake_quant_model(tmp_path, mnist):
+    """Volumes of four consecutive MNIST digits through a Conv3d (dilation_d 1) and a
+    Conv3d with dilation_d 2, which the reference leaves in FP32."""
+    (x, _), _ = mnist
+    volumes = x[:64].reshape(16, 1, 4, 28, 28)
+
+    class Volume(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 4, 3, padding=1)
+            self.dilated = nn.Conv3d(4, 4, 3, padding=2, dilation=(2, 1, 1))
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, inputs):
+            features = torch.relu(self.dilated(torch.relu(self.conv(inputs))))
+            return self.fc(features.mean((2, 3, 4)))
+
+    torch.manual_seed(0)
+    model = Volume().eval()
+    _, onnx_file, record_file, calibration = _calibrate(tmp_path, model,
+                                                        [volumes[:8], volumes[8:]])
+    assert set(read_record(record_file)) >= {"conv", "fc"}
+    assert "dilated" not in read_record(record_file)
+    amct.save_model(str(onnx_file), str(record_file), str(tmp_path / "v"))
+    with torch.no_grad():
+        quantized = calibration(volumes).numpy()
+    fake = _run(tmp_path / "v_fake_quant_model.onnx", volumes)
+    np.testing.assert_allclose(fake, quantized, rtol=1e-5, atol=1e-5)
