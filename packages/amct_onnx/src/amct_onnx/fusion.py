@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from amct_core.logger import get_logger
+from amct_onnx.graph import attribute_graphs
 
 LOGGER = get_logger("amct_onnx")
 
@@ -285,18 +286,10 @@ def _use_counts(graph: onnx.GraphProto) -> dict[str, int]:
             if name:
                 counts[name] = counts.get(name, 0) + 1
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in attribute_graphs(attr):
                 for name, count in _use_counts(sub).items():
                     counts[name] = counts.get(name, 0) + count
     return counts
-
-
-def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
-    if attr.type == onnx.AttributeProto.GRAPH:
-        return [attr.g]
-    if attr.type == onnx.AttributeProto.GRAPHS:
-        return list(attr.graphs)
-    return []
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:

@@ -58,13 +58,14 @@ def _subgraph_outer_inputs(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         used.update(i for i in node.input if i)
         for attribute in node.attribute:
-            for sub in _attribute_graphs(attribute):
+            for sub in attribute_graphs(attribute):
                 used |= _subgraph_outer_inputs(sub)
     used.update(o.name for o in graph.output)
     return used - defined
 
 
-def _attribute_graphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+def attribute_graphs(attribute: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The sub-graphs an attribute holds (``If`` branches, ``Loop``/``Scan`` bodies)."""
     if attribute.type == onnx.AttributeProto.GRAPH:
         return [attribute.g]
     if attribute.type == onnx.AttributeProto.GRAPHS:
@@ -77,7 +78,7 @@ def node_inputs(node: onnx.NodeProto) -> list[str]:
     the outer scope (``If``/``Loop``/``Scan`` bodies)."""
     names = [name for name in node.input if name]
     for attribute in node.attribute:
-        for sub in _attribute_graphs(attribute):
+        for sub in attribute_graphs(attribute):
             names.extend(sorted(_subgraph_outer_inputs(sub) - set(names)))
     return names
 
