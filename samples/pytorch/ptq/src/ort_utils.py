@@ -4,7 +4,9 @@ numpy and onnxruntime only (no torch), so the ONNX sample's ``evaluate.py`` uses
 Latency: the sessions run with ``intra_op_num_threads`` threads, one inter-op thread and all
 graph optimizations (ONNX Runtime then fuses the QDQ model's QuantizeLinear / DequantizeLinear
 pairs into int8 kernels such as QLinearConv); after a warm-up the models take turns run by
-run, so that other load on the machine slows them alike, and the median is reported.
+run, so that other load on the machine slows them alike, and the median is reported. The
+intra-op threads do not spin between runs: a session that just ran would otherwise keep its
+threads busy and slow the next model down.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ def make_session(path: str, threads: int = 2) -> ort.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
