@@ -277,6 +277,35 @@ def test_calibrator_copies_batches():
     assert calibrator.result() == expected
 
 
+def test_same_state_means_same_parameters_and_the_same_bits():
+    rng = np.random.default_rng(6)
+    batches = [rng.standard_normal((2, 50)).astype(np.float32) for _ in range(2)]
+
+    def fed(values=batches, **kwargs):
+        calibrator = IfmrCalibrator(**kwargs)
+        for batch in values:
+            calibrator.update(batch)
+        return calibrator
+
+    first = fed(symmetric=False)
+    twin = fed([b.copy() for b in batches], symmetric=False)
+    assert first.same_state(twin) and twin.same_state(first)
+    assert first.result() == twin.result()
+    assert not first.same_state(fed(symmetric=True))                       # parameters
+    assert not first.same_state(fed(symmetric=False, search_step=0.02))
+    assert not first.same_state(fed(batches[:1], symmetric=False))         # batch count
+    assert not first.same_state(fed([b.reshape(-1)[:99] for b in batches], symmetric=False))
+    changed = [b.copy() for b in batches]
+    changed[1][1, 49] = np.nextafter(changed[1][1, 49], np.float32(9))      # one ulp
+    assert not first.same_state(fed(changed, symmetric=False))
+    signed = [b.copy() for b in batches]
+    signed[0][0, 0], signed[1][0, 0] = 0.0, 0.0
+    negative = [b.copy() for b in signed]
+    negative[0][0, 0] = -0.0                                                  # equal, not same
+    assert not fed(signed).same_state(fed(negative))
+    assert not first.same_state(object())
+
+
 def test_bad_data():
     with pytest.raises(QuantizationError, match="NaN or Inf"):
         ifmr(np.float32([1.0, np.nan]))

@@ -8,12 +8,14 @@ from amct_core.proto import scale_offset_record_pb2
 from amct_core.quant.layers import QuantLayer
 from amct_core.quant.record import (
     LayerRecord,
+    merge_and_read_record,
     merge_record,
     read_record,
     require_factors,
     tensor_key,
     write_record,
 )
+from amct_core.quant.record_parser import FIELD_KINDS, parse_simple_record
 
 #: The example of reference §3.3, as one line.
 REFERENCE_ONE_LINE = ('record { key: "conv1" value { scale_d: 0.0798 offset_d: 1 scale_w: 0.0029 '
@@ -155,6 +157,114 @@ def test_repeated_optional_field_keeps_the_last_value(tmp_path):
     path = tmp_path / "record.txt"
     path.write_text('record { key: "conv1" value { scale_d: 0.1 scale_d: 0.2 offset_d: 0 } }\n')
     assert read_record(path)["conv1"].scale_d == f32(0.2)
+
+
+#: Texts around the simple form the fast reader takes (``True``: it takes the text; ``False``:
+#: protobuf's parser reads it). Either way ``read_record`` must give what protobuf gives.
+VARIANTS = [
+    ('record{key:"a"value{scale_d:0.5 offset_d:-3 scale_w:.5 scale_w:5. scale_w:2.5E-3}}',
+     True),
+    ('record {\n  value {\n    offset_w: 0\n    scale_w: 1\n  }\n  key: "k"\n}\n', True),
+    ('record { key: "a" value { scale_d: 0.1 } value { scale_d: 0.2 offset_d: 0 } }', True),
+    ('record { key: "a" key: "b" value { skip_fusion: false act_type: "INT16" } }', True),
+    ('record { key: "a" value { scale_d: 3.4028235e38 offset_d: 0 } }', True),
+    ('record { key: "a" value { scale_w: 1.5e-45 offset_w: 0 } }', True),    # subnormal
+    ('record { key: "a" value { scale_d: 0.5 offset_d: -0 shift_bit: 4294967295 } }', True),
+    ('record { key: "a" value { scale_h: 0.5 offset_r: 1 } }', True),
+    ('record { key: "a" value { } } record { key: "b" }', True),
+    ("", True),
+    ('record { key: "a" value { scale_d: 0.5f offset_d: 0 } }', False),
+    ('record { key: "a" value { scale_d: 1.5e+3 offset_d: 0 } }', True),
+    ('record { key: "a" value { scale_d: 00.5 offset_d: 0 } }', False),
+    ('record { key: "a" value { scale_d: 1e0x offset_d: 0 } }', False),
+    ('record { key: "a" value { scale_d: 0.5 offset_d: 012 } }', False),     # octal
+    ('record { key: "a" value { scale_d: 0.5 offset_d: 2147483648 } }', False),
+    ('record { key: "a" value { shift_bit: -1 } }', False),
+    ('record { key: "a" value { skip_fusion: 1 } }', False),
+    ('record { key: "a\\"b" value { scale_d: 0.5 } }', False),             # escapes
+    ("record { key: 'a' value { scale_d: 0.5 } }", False),
+    ('record { key: "a" "b" value { scale_d: 0.5 } }', False),
+    ('# comment\nrecord { key: "a" value { scale_d: 0.5 } }', False),
+    ('record { key: "a", value { scale_d: 0.5; offset_d: 1 } }', False),
+    ('record { key: "a" value: { scale_d: 0.5 } }', False),
+    ('record < key: "a" value { scale_d: 0.5 } >', False),
+    ('record { key: "a" value { scale_w: [0.5, 0.25] } }', False),
+    ('record { key: "a" value { scale_d: 0.5 } ', False),                    # unterminated
+    ('record { key: "a" value { scale_d: 0.5 } } }', False),
+    ('record { key: "a" value { bogus: 1 } }', False),
+]
+
+
+@pytest.mark.parametrize("text, simple", VARIANTS)
+def test_fast_reader_reads_what_protobuf_reads(tmp_path, text, simple):
+    assert (parse_simple_record(text) is not None) == simple
+    path = tmp_path / "record.txt"
+    path.write_text(text)
+    message = scale_offset_record_pb2.ScaleOffsetRecord()
+    try:
+        text_format.Merge(text, message)
+    except text_format.ParseError:
+        with pytest.raises(RecordFileError, match=r"line \d+, column \d+"):
+            read_record(path)
+        return
+    records = read_record(path)
+    assert list(records) == [entry.key for entry in message.record]
+    for entry in message.record:
+        value, record = entry.value, records[entry.key]
+        expected = LayerRecord(
+            scale_d=value.scale_d if value.HasField("scale_d") else None,
+            offset_d=value.offset_d if value.HasField("offset_d") else None,
+            scale_w=np.array(value.scale_w, np.float32), offset_w=np.array(value.offset_w),
+            shift_bit=np.array(value.shift_bit),
+            tensor_balance_factor=np.array(value.tensor_balance_factor, np.float32),
+            skip_fusion=value.skip_fusion, dst_type=value.dst_type, act_type=value.act_type,
+            wts_type=value.wts_type, fakequant_precision_mode=value.fakequant_precision_mode)
+        assert_same(record, expected)
+        assert type(record.scale_d) is type(expected.scale_d)
+        assert record.scale_w.dtype == np.float32 and record.offset_w.dtype == np.int64
+
+
+@pytest.mark.parametrize("text", [
+    'record { key: "a" value { scale_d: 0 offset_d: 0 } }',
+    'record { key: "a" value { scale_d: 1e39 offset_d: 0 } }',              # float32: inf
+    'record { key: "a" value { scale_d: inf offset_d: 0 } }',
+    'record { key: "a" value { scale_w: 7e-46 offset_w: 0 } }',             # float32: 0
+    'record { key: "a" value { scale_w: -0.5 offset_w: 0 } }',
+    'record { key: "a" value { offset_w: 0 offset_w: 0 scale_w: 0.5 } }',
+    'record { key: "a" value { act_type: "INT3" } }',
+    'record { key: "a" } record { key: "a" }',
+    'record { value { scale_d: 0.5 } }',
+    'record { key: "" value { scale_d: 0.5 } }',
+])
+def test_fast_reader_raises_what_protobuf_path_raises(tmp_path, text, monkeypatch):
+    path = tmp_path / "record.txt"
+    path.write_text(text)
+    with pytest.raises(RecordFileError) as fast:
+        read_record(path)
+    monkeypatch.setattr("amct_core.quant.record.parse_simple_record", lambda _text: None)
+    with pytest.raises(RecordFileError) as slow:
+        read_record(path)
+    assert str(fast.value) == str(slow.value)
+
+
+def test_fast_reader_field_kinds_follow_the_schema():
+    fields = scale_offset_record_pb2.SingleLayerRecord.DESCRIPTOR.fields_by_name
+    kinds = {"float": "TYPE_FLOAT", "int32": "TYPE_INT32", "uint32": "TYPE_UINT32",
+             "bool": "TYPE_BOOL", "string": "TYPE_STRING"}
+    message = scale_offset_record_pb2.SingleLayerRecord()
+    for name, (kind, repeated) in FIELD_KINDS.items():
+        assert fields[name].type == getattr(fields[name], kinds[kind]), name
+        assert hasattr(getattr(message, name), "extend") == repeated, name
+
+
+def test_merge_of_a_text_the_fast_reader_takes_keeps_its_other_entries(tmp_path):
+    path = tmp_path / "record.txt"
+    path.write_text(REFERENCE_ONE_LINE + 'record { key: "b" value { scale_h: 0.5 } }\n')
+    merge_record(path, {"conv1": LayerRecord(scale_d=0.25, offset_d=2)})
+    parsed = text_format.Parse(path.read_text(), scale_offset_record_pb2.ScaleOffsetRecord())
+    assert parsed.record[0].value.HasField("dst_type")      # written explicitly: kept
+    assert parsed.record[0].value.scale_d == 0.25 and parsed.record[0].value.offset_d == 2
+    assert parsed.record[1].value.scale_h == 0.5
 
 
 # --- read errors ----------------------------------------------------------------------------
@@ -364,6 +474,22 @@ def test_merge_keeps_prune_and_kv_cache_entries(tmp_path):
     assert parsed.record[1].value.skip_fusion is True
     assert len(parsed.prune_record) == 2
     assert list(parsed.prune_record[1].selective_prune.attr[0].ints) == [3, 3, 3, 32]
+
+
+def test_merge_and_read_returns_what_read_record_reads(tmp_path):
+    path = tmp_path / "record.txt"
+    path.write_text('record { key: "k_proj" kv_cache_value { scale: 0.1 offset: 0 } }\n'
+                    + REFERENCE_FULL)
+    update = {"conv1": LayerRecord(scale_d=0.1, offset_d=2),
+              "new": layer_record(scale_d=1 / 3, scale_w=(0.1, 0.7))}
+    returned = merge_and_read_record(path, update)
+    text = path.read_text()
+    expected = read_record(path)
+    assert list(returned) == list(expected) == ["conv1", "layer1.0.conv1", "linear_1", "new"]
+    for key, record in expected.items():
+        assert_same(returned[key], record)
+    merge_record(path, update)                    # the same update writes the same text
+    assert path.read_text() == text
 
 
 def test_merge_refuses_a_corrupt_file_and_leaves_it(tmp_path):

@@ -9,11 +9,14 @@ from amct_core.errors import AmctValueError
 from amct_onnx.graph import (
     NodeInserter,
     OnnxGraph,
+    copy_model,
     default_opset,
+    serialize_within_limit,
     set_default_opset,
     tensor_elem_types,
     topological_sort,
 )
+from amct_onnx.graph import _inference_model as inference_model
 
 
 def small_model(opset=13):
@@ -134,3 +137,79 @@ def test_tensor_elem_types_use_shape_inference():
     types = tensor_elem_types(small_model())
     assert types["mm"] == TensorProto.FLOAT and types["x"] == TensorProto.FLOAT
     onnx.checker.check_model(small_model())
+
+
+def typed_model():
+    """Weights read by MatMul / Conv (inference reads their shapes only), a Reshape whose shape
+    input inference reads, a weight also read by an Add, a Cast and a Shape (int64)."""
+    inits = {"w": np.ones((3, 4), np.float32), "shared": np.ones((4,), np.float32),
+             "w2": np.ones((4, 1, 1, 1), np.float32), "shape": np.int64([2, 2, 1, 1])}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "shared"], ["add"], name="add"),
+             helper.make_node("Reshape", ["add", "shape"], ["r"], name="reshape"),
+             helper.make_node("Conv", ["r", "w2", "shared"], ["conv"], name="conv",
+                              group=4),
+             helper.make_node("Cast", ["conv"], ["half"], name="cast", to=TensorProto.FLOAT16),
+             helper.make_node("Shape", ["half"], ["shp"], name="shape_of")]
+    graph = helper.make_graph(nodes, "g", [value("x", [1, 3])],
+                              [value("shp", None, TensorProto.INT64)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def whole_model_types(model):
+    """The types of the whole model: its declarations, then shape inference on all of it."""
+    declared = {}
+    graph = model.graph
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        declared[info.name] = info.type.tensor_type.elem_type
+    declared.update((t.name, t.data_type) for t in graph.initializer)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    for info in [*inferred.input, *inferred.output, *inferred.value_info]:
+        declared.setdefault(info.name, info.type.tensor_type.elem_type)
+    return declared
+
+
+def test_tensor_elem_types_leave_out_weight_data_only_where_inference_reads_shapes():
+    model = typed_model()
+    light = inference_model(model)
+    assert sorted(t.name for t in light.graph.initializer) == ["shape", "shared"]
+    assert [i.name for i in light.graph.input] == ["x", "w", "w2"]
+    assert light.graph.input[2].type.tensor_type.shape.dim[0].dim_value == 4
+    types = tensor_elem_types(model)
+    assert types == whole_model_types(model)
+    assert types["half"] == TensorProto.FLOAT16 and types["shp"] == TensorProto.INT64
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info
+    light_inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False).graph.value_info
+    assert [v.SerializeToString() for v in inferred] == [
+        v.SerializeToString() for v in light_inferred]
+    old_ir = typed_model()
+    old_ir.ir_version = 3                           # initializers are not typed below IR 4
+    assert inference_model(old_ir) is old_ir
+
+
+def test_copy_model_skips_only_the_data_its_caller_replaces():
+    model = typed_model()
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.float32), "dup"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float32), "dup"))
+    copied = copy_model(model, {"w", "w2", "dup", "missing"})
+    assert copied.graph.initializer[0].name == "w" and not copied.graph.initializer[0].raw_data
+    assert copied.graph.initializer[4].raw_data == model.graph.initializer[4].raw_data  # "dup"
+    whole = copy_model(model)
+    for result in (copied, whole):
+        graph = OnnxGraph(result)
+        graph.replace_initializer("w", np.full((3, 4), 2, np.float32))
+        graph.replace_initializer("w2", np.full((4, 1, 1, 1), 3, np.float32))
+    assert copied.SerializeToString() == whole.SerializeToString()
+    assert model.graph.initializer[0].raw_data == np.ones((3, 4), np.float32).tobytes()
+    # fields this onnx release does not know: copied whole, so that they are kept
+    unknown = onnx.ModelProto()
+    unknown.ParseFromString(model.SerializeToString() + bytes([0xF8, 0x06, 1]))
+    assert copy_model(unknown, {"w"}).SerializeToString() == unknown.SerializeToString()
+
+
+def test_serialize_within_limit():
+    model = small_model()
+    data = model.SerializeToString()
+    assert serialize_within_limit(model, len(data) + 1) == data
+    assert serialize_within_limit(model, len(data)) is None

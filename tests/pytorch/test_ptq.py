@@ -20,7 +20,7 @@ from torch import nn
 import amct_pytorch as amct
 from amct_core.errors import ConfigError, RecordFileError
 from amct_core.quant.arq import arq_weight
-from amct_core.quant.ifmr import ifmr
+from amct_core.quant.ifmr import IfmrCalibrator, ifmr
 from amct_core.quant.record import read_record
 
 
@@ -208,3 +208,38 @@ def test_conv3d_layers_are_quantized_like_the_fake_quant_model(tmp_path, mnist):
         quantized = calibration(volumes).numpy()
     fake = _run(tmp_path / "v_fake_quant_model.onnx", volumes)
     np.testing.assert_allclose(fake, quantized, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_reading_one_tensor_share_one_ifmr_search(tmp_path, mnist, monkeypatch):
+    """Two convolutions read the stem's output: the calibration searches its factors once,
+    and both get what IFMR gives on that tensor."""
+    (x, _), _ = mnist
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.left = nn.Conv2d(4, 4, 3, padding=1)
+            self.right = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, inputs):
+            features = torch.relu(self.stem(inputs))
+            return self.fc((self.left(features) + self.right(features)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TwoBranches().eval()
+    searches = []
+    original = IfmrCalibrator.search
+    monkeypatch.setattr(IfmrCalibrator, "search",
+                        lambda self: searches.append(self) or original(self))
+    batches = [x[:16], x[16:32]]
+    _, _, record_file, _ = _calibrate(tmp_path, model, batches)
+    assert len(searches) == 3                     # stem, left + right, fc
+    records = read_record(record_file)
+    with torch.no_grad():
+        features = torch.cat([torch.relu(model.stem(batch)) for batch in batches])
+    expected = ifmr(features.numpy(), num_bits=8, symmetric=False)
+    for name in ("left", "right"):
+        assert (records[name].scale_d, records[name].offset_d) == (
+            float(np.float32(expected[0])), expected[1])

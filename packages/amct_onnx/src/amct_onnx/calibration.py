@@ -75,7 +75,7 @@ from amct_core.quant.record import (
 )
 
 from .fusion import fold_batchnorm
-from .graph import OnnxGraph, tensor_elem_types
+from .graph import OnnxGraph, serialize_within_limit, tensor_elem_types
 from .layers import QuantLayerInfo, assign_node_names, find_quant_layers
 from .writers.qdq import qdq_calibration_tensors
 
@@ -155,7 +155,7 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
                        "(quantize_preprocess); the layers are quantized without it.",
                        os.fspath(config_file))
     if config.do_fusion:
-        fused = fold_batchnorm(model, config.skip_fusion_layers)
+        fused = fold_batchnorm(model, config.skip_fusion_layers, in_place=True)
         model = fused.model
         if fused.fused:
             LOGGER.info("Folded %d BatchNormalization node(s).", len(fused.fused))
@@ -253,7 +253,8 @@ def calibrate_tensors(modified_onnx_file: str | os.PathLike,
     targets = [(key, used) for key, used in plan.targets if key.startswith(TENSOR_KEY_PREFIX)]
     calibrators = {used: plan.calibrators[used] for _, used in targets}
     plan = _Plan(plan.batch_num, plan.layer_names,
-                 list(dict.fromkeys(tensor for tensor, _ in calibrators)), calibrators, targets)
+                 list(dict.fromkeys(tensor for tensor, _ in calibrators)), calibrators, targets,
+                 plan.types)
     if not targets:
         return {}
     results = _run_calibration(model, model_file, plan, input_batches, "")
@@ -287,7 +288,7 @@ def _run_calibration(model: onnx.ModelProto, model_file: str, plan: _Plan,
                  and (value := graph.constant_value(tensor)) is not None}
     fetched = [tensor for tensor in plan.tensors
                if tensor not in input_names and tensor not in constants]
-    session = _session(_with_outputs(model, fetched))
+    session = _session_with_outputs(model, fetched, plan.types)
     calibrators = {key: _make_calibrator(setting) for key, setting in plan.calibrators.items()}
 
     batch_num = plan.batch_num
@@ -367,8 +368,9 @@ def _save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> str:
     """Write ``model`` atomically; a model over the protobuf limit keeps its tensors in
     ``<file>.data`` next to it."""
     path = os.fspath(path)
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        return write_atomically(path, model.SerializeToString())
+    data = serialize_within_limit(model, _PROTOBUF_LIMIT)
+    if data is not None:
+        return write_atomically(path, data)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=os.path.basename(path) + ".data")
@@ -494,13 +496,14 @@ def _results(calibrators: dict, plan: _Plan, model_file: str) -> dict:
 @dataclass
 class _Plan:
     """What :func:`calibrate` computes: ``calibrators`` by (tensor, settings JSON); ``targets``
-    pairs each record key with its calibrator."""
+    pairs each record key with its calibrator; ``types``: the model's ``tensor_elem_types``."""
 
     batch_num: int
     layer_names: list[str]
     tensors: list[str]
     calibrators: dict[tuple[str, str], dict]
     targets: list[tuple[str, tuple[str, str]]]
+    types: dict[str, int]
 
 
 def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
@@ -537,31 +540,38 @@ def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
 
     for name, (tensor, setting) in layers.items():
         add(name, tensor, setting)
-    for tensor in qdq_calibration_tensors(model, list(layers)):
+    types = tensor_elem_types(model)  # once, for the plan and the calibration outputs
+    for tensor in qdq_calibration_tensors(model, list(layers), types):
         add(tensor_key(tensor), tensor, default)
     tensors = list(dict.fromkeys(tensor for tensor, _ in calibrators))
-    return _Plan(batch_num, list(layers), tensors, calibrators, targets)
+    return _Plan(batch_num, list(layers), tensors, calibrators, targets, types)
 
 
-def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs ``tensors`` (typed from the model, else FLOAT)."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    present = {value.name for value in augmented.graph.output}
-    missing = [tensor for tensor in tensors if tensor not in present]
-    types = tensor_elem_types(augmented) if missing else {}
-    for tensor in missing:
-        augmented.graph.output.append(onnx.helper.make_tensor_value_info(
-            tensor, types.get(tensor, onnx.TensorProto.FLOAT), None))
-    return augmented
+def _session_with_outputs(model: onnx.ModelProto, tensors: list[str],
+                          types: dict[str, int]) -> ort.InferenceSession:
+    """A session of ``model`` that also outputs ``tensors`` (typed by ``types``, the model's
+    ``tensor_elem_types``, else FLOAT). The outputs are added to ``model`` for the session
+    and removed again, so the model is not copied."""
+    outputs = model.graph.output
+    count = len(outputs)
+    present = {value.name for value in outputs}
+    for tensor in tensors:
+        if tensor not in present:
+            outputs.append(onnx.helper.make_tensor_value_info(
+                tensor, types.get(tensor, onnx.TensorProto.FLOAT), None))
+    try:
+        return _session(model)
+    finally:
+        del outputs[count:]
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    data = serialize_within_limit(model, _PROTOBUF_LIMIT)
+    if data is not None:
+        return ort.InferenceSession(data, options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="amct_onnx_") as folder:
         path = os.path.join(folder, "calibration.onnx")
         _save_onnx(model, path)

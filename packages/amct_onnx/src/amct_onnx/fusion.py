@@ -47,15 +47,19 @@ class FusionResult:
     fused: list[tuple[str, str]] = field(default_factory=list)
 
 
-def fold_batchnorm(model: onnx.ModelProto,
-                   skip_fusion_layers: Iterable[str] = ()) -> FusionResult:
+def fold_batchnorm(model: onnx.ModelProto, skip_fusion_layers: Iterable[str] = (),
+                   in_place: bool = False) -> FusionResult:
     """Return a copy of ``model`` with every foldable layer + BatchNormalization pair folded
     (module docstring; reference §3.1 BN fusion, §3.2 ``skip_fusion_layers``).
 
-    The input model is not changed. Layers are matched by node name.
+    The input model is not changed, unless ``in_place`` (for a caller that has no further use
+    for it): then it is folded itself, without a copy. Layers are matched by node name.
     """
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
+    if in_place:
+        folded = model
+    else:
+        folded = onnx.ModelProto()
+        folded.CopyFrom(model)
     graph = folded.graph
     skip = set(skip_fusion_layers)
     initializers = {tensor.name: tensor for tensor in graph.initializer}

@@ -12,10 +12,12 @@ and QAT passes can reuse it.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from amct_core.errors import AmctValueError
@@ -308,15 +310,141 @@ def _declared_elem_types(model: onnx.ModelProto) -> Iterator[tuple[str, int]]:
 
 def tensor_elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of each tensor, from the model's declarations plus ONNX shape inference
-    (tensors inference cannot type are absent)."""
+    (tensors inference cannot type are absent).
+
+    Inference runs on :func:`_inference_model`: a copy without the data of the weights, which
+    gives the same types as the whole model at a fraction of the cost of serializing it.
+    """
     types = dict(_declared_elem_types(model))
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(_inference_model(model),
+                                                     strict_mode=False)
     except Exception:  # inference is a best effort here
         return types
     for name, elem_type in _declared_elem_types(inferred):
         types.setdefault(name, elem_type)
     return types
+
+
+#: Operators whose shape inference reads only the shapes (never the values) of the inputs
+#: after the first: their weights can be given to inference as typed inputs without data.
+_SHAPE_ONLY_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+#: Protobuf (and so shape inference) cannot take a model of 2 GiB or more: above this bound
+#: the whole model goes to inference as it is (which then fails, as it always did).
+_INFERENCE_SIZE_BOUND = 2 ** 31 - 2 ** 26
+
+
+def _inference_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference: weight initializers that only quantizable-type nodes
+    read as a non-first input become graph inputs of the same type and shape (no data).
+
+    No inference function of those operators reads a weight's values, so every tensor gets
+    the type (and shape) it gets in the whole model. Only plain initializers (data in
+    ``raw_data``, not also declared as an input, output or value_info) of a model of IR
+    version 4 or later (where inference types initializers that are not graph inputs) are
+    replaced. A model whose size could reach the protobuf limit is returned unchanged, so
+    that inference fails on it as it does on the whole model.
+    """
+    graph = model.graph
+    if model.ir_version < 4 or not graph.initializer:
+        return model
+    declared = {value.name for value in graph.input}
+    declared.update(value.name for value in graph.output)
+    declared.update(value.name for value in graph.value_info)
+    weight_only: dict[str, bool] = {}
+    for node in graph.node:
+        shape_only = node.op_type in _SHAPE_ONLY_WEIGHT_OPS and node.domain in DEFAULT_DOMAINS
+        for position, name in enumerate(node.input):
+            if name:
+                weight_only[name] = weight_only.get(name, True) and shape_only and position > 0
+        for attribute in node.attribute:
+            for sub in attribute_graphs(attribute):
+                for name in _subgraph_outer_inputs(sub):
+                    weight_only[name] = False
+    stripped, kept = [], []
+    data_bytes = 0
+    for tensor in graph.initializer:
+        if weight_only.get(tensor.name) and tensor.name not in declared and _plain(tensor):
+            stripped.append(tensor)
+            data_bytes += len(tensor.raw_data) + len(tensor.name.encode()) \
+                + 11 * len(tensor.dims) + 64
+        else:
+            kept.append(tensor)
+    if not stripped:
+        return model
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(graph, light.graph, skip="initializer")
+    light.graph.initializer.extend(kept)
+    light.graph.input.extend(onnx.helper.make_tensor_value_info(
+        tensor.name, tensor.data_type, list(tensor.dims)) for tensor in stripped)
+    if light.ByteSize() + data_bytes >= _INFERENCE_SIZE_BOUND:
+        return model
+    return light
+
+
+def _plain(tensor: onnx.TensorProto) -> bool:
+    """The tensor's data is all in ``raw_data`` and it carries nothing else of size."""
+    return (tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.external_data
+            and not tensor.HasField("segment") and not tensor.doc_string
+            and not tensor.metadata_props and not tensor.float_data
+            and not tensor.int32_data and not tensor.string_data and not tensor.int64_data
+            and not tensor.double_data and not tensor.uint64_data)
+
+
+def copy_model(model: onnx.ModelProto, without_data: Collection[str] = ()) -> onnx.ModelProto:
+    """A copy of ``model`` in which the initializers named in ``without_data`` are copied
+    without their values (name, type and shape only), for a caller that replaces each of them
+    (``OnnxGraph.replace_initializer``) before using the copy; copying their data would be
+    wasted. A model with fields this onnx release does not know is copied whole."""
+    copied = onnx.ModelProto()
+    if not without_data or _has_unknown_fields(model) or _has_unknown_fields(model.graph):
+        copied.CopyFrom(model)
+        return copied
+    names = [tensor.name for tensor in model.graph.initializer]
+    once = {name for name, count in Counter(names).items() if count == 1}
+    _copy_fields(model, copied, skip="graph")
+    _copy_fields(model.graph, copied.graph, skip="initializer")
+    initializers = copied.graph.initializer
+    for tensor, name in zip(model.graph.initializer, names, strict=True):
+        if name in without_data and name in once:  # a repeated name is replaced only once
+            initializers.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            initializers.append(tensor)
+    return copied
+
+
+def _has_unknown_fields(message: Message) -> bool:
+    """Whether ``message`` itself holds fields its schema does not know (True when protobuf
+    cannot tell)."""
+    try:
+        from google.protobuf import unknown_fields
+        return len(unknown_fields.UnknownFieldSet(message)) > 0
+    except Exception:  # an older protobuf without the module
+        return True
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy the set fields of ``source`` into ``target`` (same message type), except ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, descriptor.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float)):
+            setattr(target, descriptor.name, value)
+        else:  # a repeated field
+            getattr(target, descriptor.name).extend(value)
+
+
+def serialize_within_limit(model: onnx.ModelProto, limit: int) -> bytes | None:
+    """``model.SerializeToString()`` when it is shorter than ``limit`` bytes, else None.
+
+    The model is serialized once: ``ByteSize()`` serializes it as well (and raises as
+    serializing does), so checking the size first would serialize it twice.
+    """
+    data = model.SerializeToString()
+    return data if len(data) < limit else None
 
 
 def _to_tensor(name: str, value: np.ndarray | onnx.TensorProto) -> onnx.TensorProto:

@@ -25,6 +25,7 @@ from amct_core.errors import AmctFileNotFoundError, AmctValueError
 from amct_core.logger import get_logger
 from amct_core.quant.record import read_record
 
+from .graph import serialize_within_limit
 from .writers.common import check_opset, collect_factors
 from .writers.deploy import build_deploy_model
 from .writers.fake_quant import build_fake_quant_model
@@ -107,8 +108,9 @@ def _load(model_file: str) -> onnx.ModelProto:
 
 
 def _write(model: onnx.ModelProto, path: str) -> None:
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        write_atomically(path, model.SerializeToString())
+    data = serialize_within_limit(model, _PROTOBUF_LIMIT)
+    if data is not None:
+        write_atomically(path, data)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,

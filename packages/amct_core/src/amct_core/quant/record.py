@@ -12,11 +12,16 @@ modified ONNX model share). Keys of the form ``tensor:<name>`` hold the extra ac
 
 Like AMCT, the reader keeps the last value of an optional field written twice (reference §3.3:
 protobuf overwrites repeated optional fields); a layer key written twice is an error.
+
+Files in the simple form this module writes are read by a small tokenizer
+(:mod:`amct_core.quant.record_parser`) that gives what protobuf's text-format parser gives;
+any other text goes to protobuf's parser, whose messages (with line and column) the errors
+quote.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +31,7 @@ from amct_core.atomic_file import write_atomically
 from amct_core.errors import AmctFileNotFoundError, RecordFileError
 from amct_core.proto import scale_offset_record_pb2 as record_pb2
 from amct_core.quant.layers import QuantLayer
+from amct_core.quant.record_parser import FIELD_KINDS, SimpleEntry, parse_simple_record
 
 #: Prefix of the record keys that hold the activation factors of an intermediate tensor.
 TENSOR_KEY_PREFIX = "tensor:"
@@ -80,6 +86,8 @@ class LayerRecord:
 _BITS = {"INT4": 4, "INT8": 8, "INT16": 16}
 _TYPE_FIELDS = ("dst_type", "act_type", "wts_type")
 _DEFAULTS = LayerRecord()
+#: The proto's defaults of the fields a record file may leave out.
+_PROTO_DEFAULTS = record_pb2.SingleLayerRecord()
 
 
 def tensor_key(tensor_name: str) -> str:
@@ -102,7 +110,19 @@ def read_record(path: str | os.PathLike) -> dict[str, LayerRecord]:
     a key is missing or written twice, or a factor is out of range.
     """
     path = os.fspath(path)
-    message = _parse(path)
+    text = _read_text(path)
+    entries = parse_simple_record(text)
+    if entries is None:
+        return _records_of(_merge_text(text, path), path)
+    seen: set[str] = set()
+    for entry in entries:
+        _check_key(entry.key, seen, path)
+        seen.add(entry.key)
+    return {entry.key: _from_fields(entry.fields, entry.key, path) for entry in entries}
+
+
+def _records_of(message: record_pb2.ScaleOffsetRecord, path: str) -> dict[str, LayerRecord]:
+    """The layer records of a parsed record file (``read_record``)."""
     records: dict[str, LayerRecord] = {}
     for key, entry in _entries(message, path).items():
         if entry.HasField("value") or not entry.HasField("kv_cache_value"):
@@ -115,28 +135,46 @@ def _entries(message: record_pb2.ScaleOffsetRecord,
     """The entries of ``message`` by key; a missing or repeated key is an error."""
     entries: dict[str, record_pb2.MapFiledEntry] = {}
     for entry in message.record:
-        if not entry.key:
-            raise RecordFileError(
-                f"Record file '{path}': a record entry has no key (the layer name). Add "
-                f"'key: \"<layer>\"' to it or remove it.")
-        if entry.key in entries:
-            raise RecordFileError(
-                f"Record file '{path}': layer '{entry.key}' has two record entries. Keep one "
-                f"of them, or delete the file and calibrate again.")
+        _check_key(entry.key, entries, path)
         entries[entry.key] = entry
     return entries
 
 
-def _parse(path: str) -> record_pb2.ScaleOffsetRecord:
+def _check_key(key: str | None, seen: Container[str], path: str) -> None:
+    """Raise when an entry has no key, or a key already in ``seen``."""
+    if not key:
+        raise RecordFileError(
+            f"Record file '{path}': a record entry has no key (the layer name). Add "
+            f"'key: \"<layer>\"' to it or remove it.")
+    if key in seen:
+        raise RecordFileError(
+            f"Record file '{path}': layer '{key}' has two record entries. Keep one "
+            f"of them, or delete the file and calibrate again.")
+
+
+def _read_text(path: str) -> str:
     if not os.path.isfile(path):
         raise AmctFileNotFoundError(
             f"Record file '{path}' does not exist. Run the calibration model for batch_num "
             f"batches first (it writes the record), or pass the right record_file.")
     try:
         with open(path, encoding="utf-8") as stream:
-            text = stream.read()
+            return stream.read()
     except UnicodeDecodeError as error:
         raise RecordFileError(f"Record file '{path}' is not UTF-8 text ({error}).") from None
+
+
+def _parse(path: str) -> record_pb2.ScaleOffsetRecord:
+    """The record file at ``path`` as a message."""
+    text = _read_text(path)
+    entries = parse_simple_record(text)
+    if entries is None:
+        return _merge_text(text, path)
+    return _to_message(entries)
+
+
+def _merge_text(text: str, path: str) -> record_pb2.ScaleOffsetRecord:
+    """Protobuf's text-format parser; a syntax error names the line and column."""
     message = record_pb2.ScaleOffsetRecord()
     try:
         text_format.Merge(text, message)
@@ -146,6 +184,25 @@ def _parse(path: str) -> record_pb2.ScaleOffsetRecord:
             f"ScaleOffsetRecord): line {error.GetLine()}, column {error.GetColumn()}: "
             f"{_parse_reason(error)}. Fix the file, or delete it and calibrate again."
         ) from None
+    return message
+
+
+def _to_message(entries: list[SimpleEntry]) -> record_pb2.ScaleOffsetRecord:
+    """The message ``text_format.Merge`` builds from the text of ``entries``: fields set the
+    same way (a float field stores the parsed float as float32)."""
+    message = record_pb2.ScaleOffsetRecord()
+    for entry in entries:
+        item = message.record.add()
+        if entry.key is not None:
+            item.key = entry.key
+        if entry.has_value:
+            value = item.value
+            value.SetInParent()
+            for name, given in entry.fields.items():
+                if FIELD_KINDS[name][1]:
+                    getattr(value, name).extend(given)
+                else:
+                    setattr(value, name, given)
     return message
 
 
@@ -171,6 +228,36 @@ def _from_proto(value: record_pb2.SingleLayerRecord, key: str, path: str) -> Lay
         wts_type=value.wts_type,
         fakequant_precision_mode=value.fakequant_precision_mode,
     )
+    problem = _problem(record)
+    if problem:
+        raise RecordFileError(f"Record file '{path}': layer '{key}': {problem}. Fix the entry, "
+                              f"or delete the file and calibrate again.")
+    return record
+
+
+def _from_fields(fields: dict[str, object], key: str, path: str) -> LayerRecord:
+    """:func:`_from_proto` of the message the fast reader's ``fields`` stand for: a float
+    field holds the float32 rounding of the parsed number (over- and underflow as protobuf
+    stores them: inf, 0), absent fields their proto defaults."""
+    def text(name: str) -> str:
+        return fields.get(name, getattr(_PROTO_DEFAULTS, name))  # type: ignore[return-value]
+
+    with np.errstate(over="ignore", under="ignore"):
+        scale_d = fields.get("scale_d")
+        record = LayerRecord(
+            scale_d=None if scale_d is None else float(np.float32(scale_d)),
+            offset_d=fields.get("offset_d"),  # type: ignore[arg-type]
+            scale_w=np.asarray(fields.get("scale_w", ()), dtype=np.float32).reshape(-1),
+            offset_w=np.asarray(fields.get("offset_w", ()), dtype=np.int64).reshape(-1),
+            shift_bit=np.asarray(fields.get("shift_bit", ()), dtype=np.int64).reshape(-1),
+            tensor_balance_factor=np.asarray(fields.get("tensor_balance_factor", ()),
+                                             dtype=np.float32).reshape(-1),
+            skip_fusion=bool(fields.get("skip_fusion", _PROTO_DEFAULTS.skip_fusion)),
+            dst_type=text("dst_type"),
+            act_type=text("act_type"),
+            wts_type=text("wts_type"),
+            fakequant_precision_mode=text("fakequant_precision_mode"),
+        )
     problem = _problem(record)
     if problem:
         raise RecordFileError(f"Record file '{path}': layer '{key}': {problem}. Fix the entry, "
@@ -278,6 +365,21 @@ def merge_record(path: str | os.PathLike, records: Mapping[str, LayerRecord]) ->
     the file is left as it was. Returns ``path`` as a str.
     """
     path = os.fspath(path)
+    return _write(path, _merged(path, records))
+
+
+def merge_and_read_record(path: str | os.PathLike,
+                          records: Mapping[str, LayerRecord]) -> dict[str, LayerRecord]:
+    """:func:`merge_record`, then return what :func:`read_record` would read back from the
+    file written (taken from the merged message; the file is not read again)."""
+    path = os.fspath(path)
+    message = _merged(path, records)
+    _write(path, message)
+    return _records_of(message, path)
+
+
+def _merged(path: str, records: Mapping[str, LayerRecord]) -> record_pb2.ScaleOffsetRecord:
+    """The message :func:`merge_record` writes."""
     message = _parse(path) if os.path.exists(path) else record_pb2.ScaleOffsetRecord()
     entries = _entries(message, path)
     for key, record in records.items():
@@ -291,7 +393,7 @@ def merge_record(path: str | os.PathLike, records: Mapping[str, LayerRecord]) ->
         if problem:
             raise RecordFileError(f"Record file '{path}': layer '{key}' after the update: "
                                   f"{problem}.")
-    return _write(path, message)
+    return message
 
 
 def _checked_key(key: str, path: str) -> str:
@@ -318,14 +420,14 @@ def _fill_proto(value: record_pb2.SingleLayerRecord, record: LayerRecord, key: s
         value.offset_d = int(record.offset_d)
     elif not only_present:
         value.ClearField("offset_d")
-    arrays = (("scale_w", np.float32, float), ("offset_w", np.int64, int),
-              ("shift_bit", np.int64, int), ("tensor_balance_factor", np.float32, float))
-    for name, dtype, convert in arrays:
+    arrays = (("scale_w", np.float32), ("offset_w", np.int64), ("shift_bit", np.int64),
+              ("tensor_balance_factor", np.float32))
+    for name, dtype in arrays:
         values = np.asarray(getattr(record, name), dtype=dtype).reshape(-1)
         if values.size or not only_present:
             repeated = getattr(value, name)
             del repeated[:]
-            repeated.extend(convert(item) for item in values)
+            repeated.extend(values.tolist())  # Python floats / ints holding the same values
     for name in ("skip_fusion", *_TYPE_FIELDS, "fakequant_precision_mode"):
         given = getattr(record, name)
         default = getattr(_DEFAULTS, name)

@@ -281,6 +281,12 @@ def collect_factors(model: onnx.ModelProto, records: dict[str, LayerRecord],
     return layers, tensors
 
 
+def replaced_weights(layers: list[LayerFactors]) -> set[str]:
+    """The weight initializers a writer replaces: those of the layers with integer weights
+    (``graph.copy_model`` need not copy their values)."""
+    return {layer.info.weight_name for layer in layers if layer.weight_int is not None}
+
+
 def data_input_groups(layers: list[LayerFactors]) -> dict[tuple, list[LayerFactors]]:
     """Layers grouped by (input tensor, activation factors): each group shares one quant
     node (reference §4, quant fusion), named after its first layer."""

@@ -26,8 +26,14 @@ from onnx import helper
 
 from amct_core.quant.dequant_param import pack_dequant_param
 
-from ..graph import NodeInserter, OnnxGraph
-from .common import ActivationFactors, LayerFactors, antiquant_targets, data_input_groups
+from ..graph import NodeInserter, OnnxGraph, copy_model
+from .common import (
+    ActivationFactors,
+    LayerFactors,
+    antiquant_targets,
+    data_input_groups,
+    replaced_weights,
+)
 from .fake_quant import add_constant, balanced_input, rename_output, set_bias, set_weight
 
 #: AscendDequant ``dtype`` attribute: 0 = float32, 1 = float16 (reference §4).
@@ -36,8 +42,7 @@ DEQUANT_DTYPE_FLOAT32 = 0
 
 def build_deploy_model(model: onnx.ModelProto, layers: list[LayerFactors]) -> onnx.ModelProto:
     """A copy of ``model`` with ``layers`` in the deploy layout (module docstring)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = copy_model(model, replaced_weights(layers))
     graph = OnnxGraph(result)
     inserter = NodeInserter(graph)
     nodes = inserter.by_name()

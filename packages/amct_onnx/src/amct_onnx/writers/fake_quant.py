@@ -24,15 +24,20 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import NodeInserter, OnnxGraph
-from .common import ActivationFactors, LayerFactors, antiquant_targets, data_input_groups
+from ..graph import NodeInserter, OnnxGraph, copy_model
+from .common import (
+    ActivationFactors,
+    LayerFactors,
+    antiquant_targets,
+    data_input_groups,
+    replaced_weights,
+)
 
 
 def build_fake_quant_model(model: onnx.ModelProto, layers: list[LayerFactors]
                            ) -> onnx.ModelProto:
     """A copy of ``model`` with ``layers`` fake-quantized (see the module docstring)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    result = copy_model(model, replaced_weights(layers))
     graph = OnnxGraph(result)
     inserter = NodeInserter(graph)
     nodes = inserter.by_name()

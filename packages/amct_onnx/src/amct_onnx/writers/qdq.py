@@ -80,13 +80,15 @@ PER_CHANNEL_OPSET = 13
 
 
 def qdq_calibration_tensors(model: onnx.ModelProto,
-                            quantized_layer_names: list[str] | None = None) -> list[str]:
+                            quantized_layer_names: list[str] | None = None,
+                            types: dict[str, int] | None = None) -> list[str]:
     """The tensors whose activation factors the QDQ writer wants besides the layers' own (the
     record keys ``tensor:<name>``), in graph order: one per class of linked activations around
     the quantized layers that no quantized layer reads (module docstring). ``quantized_layer_names``
-    defaults to every quantizable layer of the model."""
+    defaults to every quantizable layer of the model. ``types``: the model's
+    ``tensor_elem_types`` when the caller has them."""
     infos = _layer_infos(model, quantized_layer_names)
-    plan = _plan(model, infos)
+    plan = _plan(model, infos, types=types)
     with_layer = {plan.find(info.input_name) for info in infos}
     wanted = [plan.representative(root) for root in plan.roots() if root not in with_layer]
     return sorted(wanted, key=plan.position)
@@ -234,15 +236,19 @@ class _Plan:
 
 
 def _plan(model: onnx.ModelProto, infos: list[QuantLayerInfo],
-          layer_keys: dict[str, tuple] | None = None) -> _Plan:
+          layer_keys: dict[str, tuple] | None = None,
+          types: dict[str, int] | None = None) -> _Plan:
     """Region, candidate tensors and classes. With ``layer_keys`` (layer name -> activation
     factors key, for the layers that may share factors with their input tensor), a class read
     by layers with different factors is split into single tensors, so that each of those
-    layers can quantize the raw float tensor itself."""
+    layers can quantize the raw float tensor itself. ``types``: the model's
+    ``tensor_elem_types`` (computed here when not given)."""
     forbidden: set[int] = set()
     private = set() if layer_keys is None else {i.name for i in infos} - set(layer_keys)
+    if types is None:
+        types = _tensor_elem_types(model)
     while True:
-        plan = _build_plan(model, infos, forbidden, private)
+        plan = _build_plan(model, infos, forbidden, private, types)
         if layer_keys is None:
             return plan
         keys: dict[str, set] = {}
@@ -257,12 +263,12 @@ def _plan(model: onnx.ModelProto, infos: list[QuantLayerInfo],
 
 
 def _build_plan(model: onnx.ModelProto, infos: list[QuantLayerInfo], forbidden: set[int],
-                private: set[str]) -> _Plan:
+                private: set[str], types: dict[str, int]) -> _Plan:
     """``forbidden``: pass-through nodes not to link; ``private``: layers that quantize their
-    input with factors of their own (DMQ), which must read a raw float tensor."""
+    input with factors of their own (DMQ), which must read a raw float tensor; ``types``: the
+    model's ``tensor_elem_types``."""
     graph = OnnxGraph(model)
     nodes = list(model.graph.node)
-    types = _tensor_elem_types(model)
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
     for index, node in enumerate(nodes):

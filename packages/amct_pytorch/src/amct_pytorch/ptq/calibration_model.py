@@ -29,7 +29,7 @@ from amct_core.quant.config import LayerQuantConfig
 from amct_core.quant.hfmg import HfmgCalibrator
 from amct_core.quant.ifmr import IfmrCalibrator
 from amct_core.quant.layers import QuantLayer
-from amct_core.quant.record import LayerRecord, merge_record, read_record
+from amct_core.quant.record import LayerRecord, merge_and_read_record
 from amct_core.quant.scale_offset import int_range
 
 LOGGER = get_logger("amct_pytorch")
@@ -180,16 +180,24 @@ class CalibrationSession:
 
     def finish(self) -> None:
         records: dict[str, LayerRecord] = {}
+        searched: list[tuple[object, tuple]] = []  # (calibrator, its result)
         for name, (_layer, config) in self.layers.items():
-            scale, offset = self.calibrators[name].result()
+            calibrator = self.calibrators[name]
+            # layers that read one tensor with the same settings share one IFMR search
+            found = next((result for other, result in searched
+                          if isinstance(calibrator, IfmrCalibrator)
+                          and calibrator.same_state(other)), None)
+            if found is None:
+                found = calibrator.result()
+                searched.append((calibrator, found))
+            scale, offset = found
             bits = config.activation_quant_params.num_bits
             records[name] = LayerRecord(scale_d=float(np.asarray(scale).reshape(-1)[0]),
                                         offset_d=int(np.asarray(offset).reshape(-1)[0]),
                                         act_type=f"INT{bits}")
         if self.on_finish is not None:
             records.update(self.on_finish(self.inputs))
-        merge_record(self.record_file, records)
-        saved = read_record(self.record_file)
+        saved = merge_and_read_record(self.record_file, records)
         for name, wrapper in self.wrappers.items():
             wrapper.load_factors(saved[name])
         self.done = True
