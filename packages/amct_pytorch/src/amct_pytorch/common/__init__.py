@@ -1,0 +1,1 @@
+"""Framework-facing base classes users subclass (the reference's ``amct_pytorch.common``)."""
