@@ -2,7 +2,8 @@
 
 Graph-based post-training quantization (reference §3.1): :func:`create_quant_config`,
 :func:`quantize_model` and :func:`save_model`; the eager API of the seed's first example:
-:func:`quantize` and :func:`convert`; accuracy-based automatic calibration:
+:func:`quantize` and :func:`convert`; DMQ balancing: :func:`quantize_preprocess`;
+accuracy-based automatic calibration:
 :func:`accuracy_based_auto_calibration`. Tensor decomposition lives in
 :mod:`amct_pytorch.tensor_decompose`. The quantization API is imported on first use, so
 ``import amct_pytorch.tensor_decompose`` does not load ONNX Runtime.
@@ -20,6 +21,7 @@ _LAZY = {
     "quantize": "amct_pytorch.eager.quantize",
     "convert": "amct_pytorch.eager.quantize",
     "accuracy_based_auto_calibration": "amct_pytorch.ptq.auto_calibration",
+    "quantize_preprocess": "amct_pytorch.ptq.dmq_preprocess",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -11,6 +11,11 @@ quantized computation the fake-quant ONNX model performs (reference §4):
 
 with ``W_int`` the ARQ-quantized weight and ``b_int = round(b / (scale_w·scale_d))``, so the
 calibrated model can be evaluated in PyTorch and gives the fake-quant model's numbers.
+
+A layer with DMQ balance factors ``s`` (record ``tensor_balance_factor``, reference §3.4)
+observes and quantizes ``x · (1/s)`` instead of ``x`` and quantizes ``W · s`` instead of ``W``,
+as the fake-quant ONNX does (``Mul(x, 1/s)`` with ``1/s`` rounded to float32); its float output
+during calibration is the layer's own, unbalanced.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from amct_core.logger import get_logger
 from amct_core.quant.arq import quantize_weight
 from amct_core.quant.bias import quantize_bias
 from amct_core.quant.config import LayerQuantConfig
+from amct_core.quant.dmq import apply_balance
 from amct_core.quant.hfmg import HfmgCalibrator
 from amct_core.quant.ifmr import IfmrCalibrator
 from amct_core.quant.layers import QuantLayer
@@ -52,21 +58,42 @@ class QuantCalibrationLayer(nn.Module):
     """A quantizable layer inside the calibration model: observes, then simulates INT8."""
 
     def __init__(self, module: nn.Module, layer: QuantLayer,
-                 session: CalibrationSession) -> None:
+                 session: CalibrationSession, balance: np.ndarray | None = None) -> None:
         super().__init__()
         self.module = module
         self.layer = layer
         self._session = session
         self.quantized = False
+        #: DMQ factors s (float32, one per input channel) or None
+        self.balance = None if balance is None else np.asarray(balance, np.float32).reshape(-1)
+        inverse = None
+        if self.balance is not None:
+            inverse = torch.from_numpy((1.0 / self.balance.astype(np.float64)).astype(np.float32))
+            weight = getattr(module, "weight", None)
+            if weight is not None:
+                inverse = inverse.to(weight.device)
+        self.register_buffer("_inv_balance", inverse, persistent=False)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer.name!r}, quantized={self.quantized}"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.quantized:
-            self._session.observe(self.layer.name, x)
+            self._session.observe(self.layer.name, self._balanced(x))
             return self.module(x, *args, **kwargs)
         return self._quantized_forward(x, *args, **kwargs)
+
+    def _balanced(self, x: torch.Tensor) -> torch.Tensor:
+        """``x · (1/s)`` along the input-channel axis (DMQ), or ``x`` without factors."""
+        if self._inv_balance is None:
+            return x
+        if self.layer.kind == "linear":
+            axis = x.dim() - 1
+        else:  # (N, C, spatial...) or unbatched (C, spatial...)
+            axis = x.dim() - (self.module.weight.dim() - 1)
+        shape = [1] * x.dim()
+        shape[axis] = self._inv_balance.numel()
+        return x.float() * self._inv_balance.reshape(shape)
 
     # -- the INT8 simulation --------------------------------------------------------------
     @torch.no_grad()
@@ -85,6 +112,9 @@ class QuantCalibrationLayer(nn.Module):
             self.quantized = True
             return
         weight = module.weight.detach().cpu().float().numpy()
+        if self.balance is not None:
+            weight = apply_balance(weight, self.balance, self.layer.kind,
+                                   getattr(module, "groups", 1))
         axis = weight_axis(module)
         scale_w = np.asarray(record.scale_w, np.float32)
         offset_w = np.asarray(record.offset_w, np.float32)
@@ -117,7 +147,7 @@ class QuantCalibrationLayer(nn.Module):
 
     def _quantized_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self.module
-        xq = self._quantize_input(x)
+        xq = self._quantize_input(self._balanced(x))
         kind = self.layer.kind
         if kind == "avgpool":
             out = module(xq) * self._deq
@@ -208,12 +238,14 @@ class CalibrationSession:
                     self.record_file)
 
 
-def wrap_layers(model: nn.Module, session: CalibrationSession) -> nn.Module:
+def wrap_layers(model: nn.Module, session: CalibrationSession,
+                balances: dict[str, np.ndarray] | None = None) -> nn.Module:
     """Replace each layer of ``session`` in ``model`` by its wrapper and hook the batch
-    counter on the model; returns ``model``."""
+    counter on the model; returns ``model``. ``balances`` maps layers to their DMQ factors."""
+    balances = balances or {}
     for name, (layer, _config) in session.layers.items():
         module = model.get_submodule(name)
-        wrapper = QuantCalibrationLayer(module, layer, session)
+        wrapper = QuantCalibrationLayer(module, layer, session, balances.get(name))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapper)

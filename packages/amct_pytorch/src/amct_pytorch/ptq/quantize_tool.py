@@ -3,8 +3,10 @@
 1. :func:`create_quant_config` exports the model to ONNX, finds its quantizable layers and
    writes the JSON config (or builds it from a ``.cfg``).
 2. :func:`quantize_model` works on a copy of the model: Conv+BN folding, ARQ weight factors
-   into the record, the *modified ONNX* (the folded FP32 model whose quantizable nodes are
-   named after their modules), and the calibration model it returns.
+   into the record (of ``W · s`` for layers with DMQ factors from
+   :func:`~amct_pytorch.ptq.dmq_preprocess.quantize_preprocess`), the *modified ONNX* (the
+   folded FP32 model, unbalanced, whose quantizable nodes are named after their modules), and
+   the calibration model it returns.
 3. The user runs the calibration model on ``batch_num`` batches; the activation factors are
    written to the record after the last one.
 4. :func:`save_model` writes the fake-quant, deploy and QDQ ONNX models (``amct_onnx``).
@@ -23,7 +25,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from amct_core.atomic_file import write_atomically
-from amct_core.errors import AmctTypeError, AmctValueError, ConfigError
+from amct_core.errors import AmctTypeError, AmctValueError, ConfigError, RecordFileError
 from amct_core.logger import get_logger
 from amct_core.quant.arq import arq_weight
 from amct_core.quant.config import (
@@ -33,7 +35,8 @@ from amct_core.quant.config import (
     load_quant_config,
     write_quant_config,
 )
-from amct_core.quant.record import LayerRecord, write_record
+from amct_core.quant.dmq import apply_balance
+from amct_core.quant.record import LayerRecord, read_record, write_record
 from amct_onnx.calibration import calibrate_tensors, set_calibration_settings
 from amct_onnx.layers import find_quant_layers
 from amct_onnx.save import save_model as _save_onnx_models
@@ -165,14 +168,20 @@ def quantize_model(config_file: str | os.PathLike,
     write_atomically(onnx_file, modified.SerializeToString())
     LOGGER.info("Generate modified onnx file %s success.", os.fspath(onnx_file))
 
+    balances = (_balance_factors(record_file, enabled, calibration)
+                if config.dmq_enabled else {})
     records = {}
     for name, (layer, cfg) in enabled.items():
         record = LayerRecord(act_type=f"INT{cfg.activation_quant_params.num_bits}")
         if layer.has_weight:
             module = calibration.get_submodule(name)
             weight_cfg = cfg.weight_quant_params
-            scale, offset = arq_weight(module.weight.detach().cpu().float().numpy(),
-                                       weight_cfg.num_bits, weight_cfg.channel_wise,
+            weight = module.weight.detach().cpu().float().numpy()
+            if name in balances:
+                weight = apply_balance(weight, balances[name], layer.kind,
+                                       getattr(module, "groups", 1))
+                record.tensor_balance_factor = balances[name]
+            scale, offset = arq_weight(weight, weight_cfg.num_bits, weight_cfg.channel_wise,
                                        axis=weight_axis(module))
             record.scale_w, record.offset_w = scale, offset
             record.wts_type = f"INT{weight_cfg.num_bits}"
@@ -182,10 +191,47 @@ def quantize_model(config_file: str | os.PathLike,
     session = CalibrationSession(enabled, config.batch_num, record_file,
                                  on_finish=lambda batches: _tensor_factors(
                                      onnx_file, graph_inputs, batches))
-    wrap_layers(calibration, session)
+    wrap_layers(calibration, session, balances)
     LOGGER.info("Quantize model success: run the calibration model on %d batch(es).",
                 config.batch_num)
     return calibration
+
+
+def _balance_factors(record_file: str | os.PathLike, enabled: dict, calibration: nn.Module
+                     ) -> dict[str, np.ndarray]:
+    """The DMQ factors (``tensor_balance_factor``) of the enabled layers with
+    ``dmq_balancer_param``, read from ``record_file`` and checked against the layers' input
+    channel counts (reference §3.1: with DMQ the record must already exist)."""
+    dmq_layers = [name for name, (_layer, cfg) in enabled.items()
+                  if cfg.dmq_balancer_param is not None]
+    if not dmq_layers:
+        return {}
+    path = os.fspath(record_file)
+    todo = ("Run amct_pytorch.quantize_preprocess with this config and record file, then "
+            "exactly one forward pass of the model it returns, before quantize_model.")
+    if not os.path.exists(path):
+        raise RecordFileError(f"quantize_model: the config enables DMQ (dmq_balancer_param) "
+                              f"but the record file {path!r} does not exist. {todo}")
+    records = read_record(path)
+    balances = {}
+    for name in dmq_layers:
+        module = calibration.get_submodule(name)
+        channels = getattr(module, "in_features", None) or module.in_channels
+        record = records.get(name)
+        factors = (np.zeros(0, np.float32) if record is None
+                   else np.asarray(record.tensor_balance_factor, np.float32).reshape(-1))
+        if factors.size == 0:
+            raise RecordFileError(f"quantize_model: layer {name!r} has dmq_balancer_param in "
+                                  f"the config but no tensor_balance_factor in the record file "
+                                  f"{path!r}. {todo}")
+        if factors.size != channels:
+            raise RecordFileError(f"quantize_model: layer {name!r} has {factors.size} "
+                                  f"tensor_balance_factor values in the record file {path!r} "
+                                  f"but {channels} input channels; the record does not belong "
+                                  f"to this model. {todo}")
+        balances[name] = factors
+    LOGGER.info("DMQ: read the balance factors of %d layer(s) from %s.", len(balances), path)
+    return balances
 
 
 def _graph_input_names(model: onnx.ModelProto) -> list[str]:
