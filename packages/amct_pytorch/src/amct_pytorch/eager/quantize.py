@@ -24,6 +24,7 @@ from torch import nn
 from amct_core.errors import AmctTypeError, ConfigError
 from amct_core.logger import get_logger
 from amct_pytorch.eager.modules import MinMaxQuantModule, QuantDeployModule
+from amct_pytorch.module_tree import replace_submodule
 
 LOGGER = get_logger("amct_pytorch")
 
@@ -95,12 +96,6 @@ def parse_config(config: Mapping) -> dict:
             "skip_layers": list(skip)}
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def quantize(model: nn.Module, config: Mapping) -> nn.Module:
     """Insert calibration modules into ``model`` in place (seed: 生成量化校准模型).
 
@@ -127,8 +122,9 @@ def quantize(model: nn.Module, config: Mapping) -> nn.Module:
         raise ConfigError("quantize: the model already holds calibration modules; call "
                           "quantize on the original model once")
     for name, module in targets:
-        _replace(model, name, MinMaxQuantModule(module, name, cfg["weights"], cfg["inputs"],
-                                                cfg["batch_num"]))
+        calibration = MinMaxQuantModule(module, name, cfg["weights"], cfg["inputs"],
+                                        cfg["batch_num"])
+        replace_submodule(model, name, calibration)
         LOGGER.info("Quantize layer %s.", name)
     LOGGER.info("quantize: %d layer(s) replaced by calibration modules.", len(targets))
     return model
@@ -149,6 +145,6 @@ def convert(model: nn.Module) -> nn.Module:
                 f"{module.batch_num} calibration batches; run the model on batch_num batches "
                 f"before convert")
     for name, module in calibrated:
-        _replace(model, name, QuantDeployModule(module))
+        replace_submodule(model, name, QuantDeployModule(module))
     LOGGER.info("convert: %d layer(s) converted to INT8 deploy modules.", len(calibrated))
     return model

@@ -15,14 +15,9 @@ import torch
 from torch import nn
 
 from amct_core.logger import get_logger
+from amct_pytorch.module_tree import replace_submodule
 
 LOGGER = get_logger("amct_pytorch")
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 @torch.no_grad()
@@ -66,7 +61,7 @@ def fuse_conv_bn(model: nn.Module, pairs: Iterable[tuple[str, str]],
             LOGGER.info("Layer %s is in skip_fusion_layers, %s is not fused.", conv_name, bn_name)
             continue
         fold_batch_norm(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        _set_submodule(model, bn_name, nn.Identity())
+        replace_submodule(model, bn_name, nn.Identity())
         LOGGER.info("Fuse %s and %s.", conv_name, bn_name)
         fused.append(conv_name)
     return fused

@@ -37,6 +37,7 @@ from amct_core.quant.ifmr import IfmrCalibrator
 from amct_core.quant.layers import QuantLayer
 from amct_core.quant.record import LayerRecord, merge_and_read_record
 from amct_core.quant.scale_offset import int_range
+from amct_pytorch.module_tree import replace_submodule
 
 LOGGER = get_logger("amct_pytorch")
 
@@ -246,9 +247,7 @@ def wrap_layers(model: nn.Module, session: CalibrationSession,
     for name, (layer, _config) in session.layers.items():
         module = model.get_submodule(name)
         wrapper = QuantCalibrationLayer(module, layer, session, balances.get(name))
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapper)
+        replace_submodule(model, name, wrapper)
         session.wrappers[name] = wrapper
     model.register_forward_pre_hook(lambda _m, args: session.capture_inputs(args))
     model.register_forward_hook(lambda _m, _args, _out: session.end_batch())

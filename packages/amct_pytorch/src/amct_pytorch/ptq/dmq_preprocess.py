@@ -29,6 +29,7 @@ from amct_core.quant.config import load_quant_config
 from amct_core.quant.dmq import dmq_balance_factors, weight_in_channel_abs_max
 from amct_core.quant.layers import QuantLayer
 from amct_core.quant.record import LayerRecord, merge_record
+from amct_pytorch.module_tree import replace_submodule
 from amct_pytorch.ptq.bn_fusion import fuse_conv_bn
 from amct_pytorch.ptq.onnx_graph import trace
 from amct_pytorch.ptq.quantize_tool import _check_model
@@ -148,9 +149,7 @@ def quantize_preprocess(config_file: str | os.PathLike, record_file: str | os.Pa
             "{ migration_strength } (create_quant_config(config_defination=...)).")
     session = DmqSession(layers, os.fspath(record_file))
     for name, (layer, module, _strength) in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = balanced.get_submodule(parent_name) if parent_name else balanced
-        setattr(parent, child, DmqObserverLayer(module, layer, session))
+        replace_submodule(balanced, name, DmqObserverLayer(module, layer, session))
     balanced.register_forward_pre_hook(lambda _m, _args: session.before_forward())
     balanced.register_forward_hook(lambda _m, _args, _out: session.finish())
     LOGGER.info("Quantize preprocess success: run the model on exactly one batch to compute "

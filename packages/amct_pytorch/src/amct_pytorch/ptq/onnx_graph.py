@@ -20,6 +20,7 @@ from torch import nn
 
 from amct_core.errors import AmctValueError
 from amct_core.quant.layers import QuantLayer
+from amct_onnx.graph import OnnxGraph
 from amct_pytorch.ptq.layers import ONNX_OPS, layer_type_of, unsupported_reason
 
 #: Opset of the exported ONNX models.
@@ -99,27 +100,16 @@ class TracedGraph:
     bn_pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output}
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    found: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            found[name].append(node)
-    return found
-
-
-def _source_name(tensor: str, producers: dict[str, onnx.NodeProto],
-                 known: set[str]) -> str:
+def _source_name(tensor: str, view: OnnxGraph, known: set[str]) -> str:
     """Follow Identity/Transpose nodes back to a tensor named in ``known`` (the exporter
     also merges equal-valued initializers through Identity nodes, so a known name is kept
     as soon as it is reached)."""
     seen = 0
-    while (tensor not in known and tensor in producers
-           and producers[tensor].op_type in _PASS_THROUGH and seen < 8):
-        tensor = producers[tensor].input[0]
+    while tensor not in known and seen < 8:
+        producer = view.producer(tensor)
+        if producer is None or producer.op_type not in _PASS_THROUGH:
+            break
+        tensor = producer.input[0]
         seen += 1
     return tensor
 
@@ -138,14 +128,14 @@ def trace(model: nn.Module, input_data: object, input_names: Sequence[str] | Non
     pool_calls = _pool_call_order(model, input_data)
     exported = export_onnx(model, input_data, input_names, output_names, dynamic_axes)
     graph = exported.graph
-    producers, consumers = _producers(graph), _consumers(graph)
+    view = OnnxGraph(exported)
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
     nodes_of: dict[str, list[int]] = defaultdict(list)
     pending_pools = list(pool_calls)
     for index, node in enumerate(graph.node):
         if node.op_type in _WEIGHT_OPS and len(node.input) > 1:
-            weight = _source_name(node.input[1], producers, parameters)
+            weight = _source_name(node.input[1], view, parameters)
             owner = _module_of_parameter(weight, parameters)
             if owner is not None and owner in modules:
                 nodes_of[owner].append(index)
@@ -181,17 +171,17 @@ def trace(model: nn.Module, input_data: object, input_names: Sequence[str] | Non
     bn_uses: dict[str, int] = defaultdict(int)
     for node in graph.node:
         if node.op_type == "BatchNormalization":
-            bn_uses[_source_name(node.input[3], producers, buffers)] += 1
+            bn_uses[_source_name(node.input[3], view, buffers)] += 1
     for name in order:
         node = graph.node[traced.layer_nodes[name]]
         if node.op_type not in ("Conv", "ConvTranspose"):
             continue
-        users = consumers.get(node.output[0], [])
+        users = view.consumers_of(node.output[0])
         if len(users) != 1 or users[0].op_type != "BatchNormalization":
             continue
         if any(node.output[0] == out.name for out in graph.output):
             continue
-        mean = _source_name(users[0].input[3], producers, buffers)
+        mean = _source_name(users[0].input[3], view, buffers)
         bn_name = mean[: -len(".running_mean")] if mean.endswith(".running_mean") else None
         if (bn_name in modules and bn_uses[mean] == 1
                 and isinstance(modules[bn_name], nn.modules.batchnorm._BatchNorm)):

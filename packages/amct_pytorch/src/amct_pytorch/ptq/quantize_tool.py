@@ -38,6 +38,7 @@ from amct_core.quant.config import (
 from amct_core.quant.dmq import apply_balance
 from amct_core.quant.record import LayerRecord, read_record, write_record
 from amct_onnx.calibration import calibrate_tensors, set_calibration_settings
+from amct_onnx.graph import OnnxGraph
 from amct_onnx.layers import find_quant_layers
 from amct_onnx.save import save_model as _save_onnx_models
 from amct_pytorch.ptq.bn_fusion import fuse_conv_bn
@@ -108,10 +109,7 @@ def _fold_parameter_nodes(model: onnx.ModelProto) -> None:
                                                              node.output[0]))
             graph.node.remove(node)
             changed = True
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    OnnxGraph(model).remove_unused_initializers()
 
 
 def _modified_onnx(traced: TracedGraph, layer_names: Iterable[str]) -> onnx.ModelProto:

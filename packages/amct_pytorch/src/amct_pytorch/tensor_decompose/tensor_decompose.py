@@ -24,6 +24,7 @@ from amct_core.decompose import (
 from amct_core.decompose.spatial_svd import factor_shapes
 from amct_core.errors import AmctTypeError, ModelMismatchError
 from amct_core.logger import get_logger
+from amct_pytorch.module_tree import replace_submodule
 
 _SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
 _CHECKED_FIELDS = ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups")
@@ -102,19 +103,13 @@ def _to_parameter(values, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=like.requires_grad)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _swap_in(model: nn.Module, names_and_modules: list[tuple[str, nn.Module]]) -> nn.Module:
     """Put the new modules in place; a model that is itself the conv is returned new."""
     for name, new in names_and_modules:
         if name == "":
             model = new
         else:
-            _replace(model, name, new)
+            replace_submodule(model, name, new)
     return model
 
 
