@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOT = ROOT / "packages" / "amct_core" / "src"
 PROTO_PACKAGE = "amct_core/proto"
-PROTO_NAMES = ("scale_offset_record", "calibration_config")
+PROTO_NAMES = ("scale_offset_record", "calibration_config", "retrain_config")
 #: The grpcio-tools release the committed modules come from (protoc 25.1).
 PINNED_GRPCIO_TOOLS = "1.62.3"
 NOQA_LINE = "# ruff: noqa\n"

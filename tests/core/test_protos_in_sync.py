@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from amct_core.proto import calibration_config_pb2, scale_offset_record_pb2
+from amct_core.proto import calibration_config_pb2, retrain_config_pb2, scale_offset_record_pb2
 
 pytest.importorskip("grpc_tools.protoc",
                     reason="grpcio-tools is not installed: it provides protoc, which "
@@ -18,7 +18,8 @@ pytest.importorskip("grpc_tools.protoc",
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = {"amct_core/proto/scale_offset_record.proto": scale_offset_record_pb2,
-           "amct_core/proto/calibration_config.proto": calibration_config_pb2}
+           "amct_core/proto/calibration_config.proto": calibration_config_pb2,
+           "amct_core/proto/retrain_config.proto": retrain_config_pb2}
 
 
 def _load_generator():
