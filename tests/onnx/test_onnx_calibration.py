@@ -440,5 +440,5 @@ def test_digits_mlp_end_to_end_keeps_accuracy(tmp_path, opset):
 
 
 def test_public_api():
-    assert sorted(amct_onnx.__all__) == ["calibrate", "create_quant_config", "quantize_model",
-                                         "save_model"]
+    assert sorted(amct_onnx.__all__) == ["calibrate", "convert_qat_model",
+                                         "create_quant_config", "quantize_model", "save_model"]

@@ -16,6 +16,15 @@ model lives in a temporary folder; the JSON config (when generated) and the reco
 next to the outputs as ``<prefix>_quant_config.json`` and ``<prefix>_record.txt``, so a config
 can be tuned by hand (seed, 手工调优) and passed back with ``--config_file``.
 
+``amct_onnx convert`` turns a QDQ ONNX model (a QAT model exported with QuantizeLinear /
+DequantizeLinear, or a ``quantize_static`` QDQ model) into the fake-quant and deploy models
+(reference §4, ``convert_qat_model``)::
+
+    amct_onnx convert --model M.onnx --save_path out/prefix [--record_file R]
+
+writing ``out/prefix_fake_quant_model.onnx``, ``out/prefix_deploy_model.onnx`` and the record
+(default ``out/record.txt``).
+
 Exit codes: 0 on success; 2 for a bad argument or input (missing or non-ONNX model, empty or
 mismatched data folder, fewer batches than ``batch_num``, invalid config ...), with one
 ``error:`` line saying what to change.
@@ -38,6 +47,7 @@ from amct_core.logger import get_logger
 from amct_core.quant.config import load_quant_config
 
 from .calibration import calibrate, create_quant_config, load_model, quantize_model
+from .convert_model import convert_qat_model
 from .graph import OnnxGraph
 from .save import output_paths, save_model
 
@@ -68,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="AMCT for ONNX models: post-training quantization.")
+        prog=PROG, description="AMCT for ONNX models: post-training quantization and QDQ "
+                               "model conversion.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     calibration = commands.add_parser(
         "calibration", help="quantize a model with calibration data (PTQ)",
@@ -94,6 +105,19 @@ def _parser() -> argparse.ArgumentParser:
                              help="layers (node names) left in FP32, space or comma separated "
                                   "(not with --config_file)")
     calibration.set_defaults(run=_run_calibration)
+    convert = commands.add_parser(
+        "convert", help="convert a QDQ (QuantizeLinear/DequantizeLinear) model",
+        description="convert_qat_model: turn a QDQ ONNX model (QAT export, quantize_static) "
+                    "into the fake-quant and deploy models and a record file.")
+    convert.add_argument("--model", required=True, help="the QDQ ONNX model")
+    convert.add_argument(
+        "--save_path", required=True,
+        help="folder and file-name prefix of the outputs, e.g. out/resnet (writes "
+             "out/resnet_fake_quant_model.onnx and out/resnet_deploy_model.onnx)")
+    convert.add_argument("--record_file",
+                         help="the record file to write (default: record.txt in the folder "
+                              "of --save_path)")
+    convert.set_defaults(run=_run_convert)
     return parser
 
 
@@ -155,6 +179,22 @@ def _run_calibration(args: argparse.Namespace) -> int:
         LOGGER.info("%s model: %s", kind, written.get(kind, paths[kind]))
     LOGGER.info("Record: %s%s", kept_record,
                 f"; config: {kept_config}" if config_kind != "json" else "")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# convert
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    model_file = _check_model_file(args.model)
+    if args.record_file is not None and os.path.isdir(args.record_file):
+        raise UsageError(f"--record_file '{args.record_file}' is a folder. Pass a file path "
+                         f"such as {os.path.join(args.record_file, 'record.txt')}.")
+    written = convert_qat_model(model_file, args.save_path, args.record_file)
+    for kind in ("fake_quant", "deploy"):
+        LOGGER.info("%s model: %s", kind, written[kind])
+    LOGGER.info("Record: %s", written["record"])
     return 0
 
 

@@ -89,7 +89,7 @@ def save_model(modified_onnx_file: str | os.PathLike, record_file: str | os.Path
         "qdq": build_qdq_model(model, layers, tensors, qdq_activation_type),
     }
     for kind, quantized in built.items():
-        _write(quantized, paths[kind])
+        write_model(quantized, paths[kind])
         LOGGER.info("The %s model is written to %s.", kind.replace("_", "-"), paths[kind])
     return paths
 
@@ -107,7 +107,9 @@ def _load(model_file: str) -> onnx.ModelProto:
                              ) from None
 
 
-def _write(model: onnx.ModelProto, path: str) -> None:
+def write_model(model: onnx.ModelProto, path: str) -> None:
+    """Write ``model`` to ``path`` atomically; a model beyond protobuf's 2 GiB limit keeps its
+    tensors in ``<file>.data`` next to it."""
     data = serialize_within_limit(model, _PROTOBUF_LIMIT)
     if data is not None:
         write_atomically(path, data)

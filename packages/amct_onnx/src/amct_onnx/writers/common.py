@@ -9,6 +9,10 @@ For each quantized layer (reference §3.3 record, §3.4 formulas, §4 layouts):
 * ``deq_scale``: ``scale_w * scale_d`` (float32), one value per output channel or a single
   value, the factor that brings the integer result back to float;
 * AveragePool has no weight: ``scale_w = 1``, ``offset_w = 0``.
+
+:class:`TensorQuant` describes an activation quantized on its own, outside any layer
+(``convert_qat_model``, reference §4: the Q/DQ pairs of Add inputs and the like become
+AscendQuant + AscendAntiQuant; a QuantizeLinear that is a graph output becomes AscendQuant).
 """
 from __future__ import annotations
 
@@ -108,6 +112,32 @@ class LayerFactors:
         if self.info.kind == "linear":
             return [self.deq_scale.size]
         return [1, self.deq_scale.size] + [1] * self.info.spatial_rank
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """An activation tensor quantized outside a layer (reference §4, ``convert_qat_model``).
+
+    ``tensor``: the float tensor quantized with ``factors`` (per tensor). ``readers``:
+    (node name, input index) pairs that read the restored value ``(q - offset) * scale``
+    (AscendQuant + AscendAntiQuant in the deploy model). ``restored_outputs``: graph outputs
+    that hold the restored value. ``int_output``: a graph output that holds the integers
+    themselves (a QuantizeLinear without DequantizeLinear partner: AscendQuant alone);
+    ``int_zero_shift`` is added to the int8-grid integers in the fake-quant model to give the
+    source's values (128 for a UINT8 output, else 0).
+    """
+
+    tensor: str
+    factors: ActivationFactors
+    readers: tuple[tuple[str, int], ...] = ()
+    restored_outputs: tuple[str, ...] = ()
+    int_output: str | None = None
+    int_zero_shift: int = 0
+
+    @property
+    def restores(self) -> bool:
+        """Whether anything reads the restored (anti-quantized) value."""
+        return bool(self.readers or self.restored_outputs)
 
 
 def check_opset(model: onnx.ModelProto, model_file: str) -> int:

@@ -17,8 +17,16 @@ quantized layers (one set of factors) gets ``AscendQuant "<maxpool>.quant"`` +
 AMCT's multi-output quant optimization does. DMQ factors s (reference §3.4) give a standard
 ``Mul(x, 1/s)`` before the AscendQuant and ``W * s`` weights. AveragePool layers have no
 weight: their dequant param packs ``deq_scale = scale_d``. The model does not run in ONNX Runtime.
+
+``convert_qat_model`` passes its activations quantized outside layers explicitly
+(:class:`~.common.TensorQuant`, reference §4): each gets ``AscendQuant "<tensor>.quant"`` and,
+for the readers of the restored value, ``AscendAntiQuant "<tensor>.anti_quant"``; a graph
+output that holds the integers is the AscendQuant's INT8 output (a UINT8 source output becomes
+INT8: the same values minus 128). The MaxPool rule above then does not apply.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -30,18 +38,30 @@ from ..graph import NodeInserter, OnnxGraph, copy_model
 from .common import (
     ActivationFactors,
     LayerFactors,
+    TensorQuant,
     antiquant_targets,
     data_input_groups,
     replaced_weights,
 )
-from .fake_quant import add_constant, balanced_input, rename_output, set_bias, set_weight
+from .fake_quant import (
+    add_constant,
+    balanced_input,
+    connect_restored,
+    rename_output,
+    set_bias,
+    set_weight,
+    tensor_quant_anchor,
+)
 
 #: AscendDequant ``dtype`` attribute: 0 = float32, 1 = float16 (reference §4).
 DEQUANT_DTYPE_FLOAT32 = 0
 
 
-def build_deploy_model(model: onnx.ModelProto, layers: list[LayerFactors]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``layers`` in the deploy layout (module docstring)."""
+def build_deploy_model(model: onnx.ModelProto, layers: list[LayerFactors],
+                       tensor_quants: Sequence[TensorQuant] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with ``layers`` in the deploy layout (module docstring).
+    ``tensor_quants``: the activations quantized outside layers; None applies the MaxPool
+    rule instead."""
     result = copy_model(model, replaced_weights(layers))
     graph = OnnxGraph(result)
     inserter = NodeInserter(graph)
@@ -55,6 +75,11 @@ def build_deploy_model(model: onnx.ModelProto, layers: list[LayerFactors]) -> on
             nodes[layer.name].input[0] = quantized
     for layer in layers:
         _rewrite_layer(graph, inserter, nodes[layer.name], layer)
+    if tensor_quants is not None:
+        for quant in tensor_quants:
+            _add_tensor_quant(graph, inserter, nodes, quant)
+        inserter.commit()
+        return result
     for maxpool_name, layer in antiquant_targets(graph, layers):
         maxpool = nodes[maxpool_name]
         quantized = _add_quant(graph, inserter, maxpool, layer.info.input_name, layer.data,
@@ -72,14 +97,35 @@ def build_deploy_model(model: onnx.ModelProto, layers: list[LayerFactors]) -> on
     return result
 
 
+def _add_tensor_quant(graph: OnnxGraph, inserter: NodeInserter,
+                      nodes: dict[str, onnx.NodeProto], quant: TensorQuant) -> None:
+    anchor = tensor_quant_anchor(inserter, nodes, quant)
+    quantized = _add_quant(graph, inserter, anchor, quant.tensor, quant.factors, quant.tensor,
+                           output=quant.int_output)
+    if quant.int_output is not None:
+        for value in graph.graph.output:
+            if value.name == quant.int_output:
+                value.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    if not quant.restores:
+        return
+    restored = (quant.restored_outputs[0] if quant.restored_outputs
+                else graph.unique_name(f"{quant.tensor}.anti_quant.output"))
+    inserter.before(anchor, _custom_node(
+        "AscendAntiQuant", [quantized], [restored],
+        graph.unique_name(f"{quant.tensor}.anti_quant"), scale=float(quant.factors.scale),
+        offset=float(quant.factors.offset), dst_type=dst_type(quant.factors)))
+    connect_restored(graph, inserter, nodes, quant, restored)
+
+
 def dst_type(factors: ActivationFactors) -> str:
     """The ``dst_type`` string of AscendQuant / AscendAntiQuant (``INT8``, ``INT4`` ...)."""
     return f"INT{factors.num_bits}"
 
 
-def _add_quant(graph: OnnxGraph, inserter: NodeInserter, anchor: onnx.NodeProto, tensor: str,
-               factors: ActivationFactors, layer_name: str) -> str:
-    output = graph.unique_name(f"{layer_name}.quant.output")
+def _add_quant(graph: OnnxGraph, inserter: NodeInserter, anchor: onnx.NodeProto | None,
+               tensor: str, factors: ActivationFactors, layer_name: str,
+               output: str | None = None) -> str:
+    output = output or graph.unique_name(f"{layer_name}.quant.output")
     inserter.before(anchor, _custom_node(
         "AscendQuant", [tensor], [output], graph.unique_name(f"{layer_name}.quant"),
         scale=float(np.float32(1.0 / float(factors.scale))), offset=float(factors.offset),

@@ -17,8 +17,18 @@ identical activation factors share one quant chain, named after the first of the
 each MaxPool reads a quant chain of its own followed by ``Mul(scale_d)`` (the fake-quant form
 of the AscendQuant/AscendAntiQuant pair of the deploy model, ``<maxpool>.quant.*`` and
 ``<maxpool>.anti_quant``). The output tensor names of all layers are kept.
+
+``convert_qat_model`` passes its activations quantized outside layers explicitly
+(:class:`~.common.TensorQuant`, reference §4): each gets the quant chain
+``<tensor>.quant.*`` and, for the readers of the restored value, ``Mul(scale_d)``
+(``<tensor>.anti_quant``); a graph output that holds the integers reads
+``Add(offset_d + shift)`` (``<tensor>.quant.output``) and a ``Cast`` to its INT8 / UINT8 type,
+so the model gives the values the source QuantizeLinear gave. The MaxPool rule above then
+does not apply (the source model says which tensors are quantized).
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -28,15 +38,19 @@ from ..graph import NodeInserter, OnnxGraph, copy_model
 from .common import (
     ActivationFactors,
     LayerFactors,
+    TensorQuant,
     antiquant_targets,
     data_input_groups,
     replaced_weights,
 )
 
 
-def build_fake_quant_model(model: onnx.ModelProto, layers: list[LayerFactors]
+def build_fake_quant_model(model: onnx.ModelProto, layers: list[LayerFactors],
+                           tensor_quants: Sequence[TensorQuant] | None = None
                            ) -> onnx.ModelProto:
-    """A copy of ``model`` with ``layers`` fake-quantized (see the module docstring)."""
+    """A copy of ``model`` with ``layers`` fake-quantized (see the module docstring).
+    ``tensor_quants``: the activations quantized outside layers; None applies the MaxPool
+    rule instead."""
     result = copy_model(model, replaced_weights(layers))
     graph = OnnxGraph(result)
     inserter = NodeInserter(graph)
@@ -51,6 +65,11 @@ def build_fake_quant_model(model: onnx.ModelProto, layers: list[LayerFactors]
             nodes[layer.name].input[0] = quantized
     for layer in layers:
         rewrite_layer(graph, inserter, nodes[layer.name], layer)
+    if tensor_quants is not None:
+        for quant in tensor_quants:
+            _add_tensor_quant(graph, inserter, nodes, quant)
+        inserter.commit()
+        return result
     for maxpool_name, layer in antiquant_targets(graph, layers):
         maxpool = nodes[maxpool_name]
         quantized = add_quant_chain(graph, inserter, maxpool, layer.info.input_name,
@@ -64,6 +83,51 @@ def build_fake_quant_model(model: onnx.ModelProto, layers: list[LayerFactors]
         _replace_input(maxpool, layer.info.input_name, restored)
     inserter.commit()
     return result
+
+
+def tensor_quant_anchor(inserter: NodeInserter, nodes: dict[str, onnx.NodeProto],
+                        quant: TensorQuant) -> onnx.NodeProto | None:
+    """The node to insert a tensor's quant nodes before: its first reader (None: the end)."""
+    readers = [nodes[name] for name, _ in quant.readers]
+    order = {id(node): index for index, node in enumerate(inserter.nodes)}
+    return min(readers, key=lambda node: order[id(node)]) if readers else None
+
+
+def connect_restored(graph: OnnxGraph, inserter: NodeInserter,
+                     nodes: dict[str, onnx.NodeProto], quant: TensorQuant,
+                     restored: str) -> None:
+    """Let the readers of ``quant`` read ``restored``; further restored graph outputs get an
+    Identity of it (the first one is ``restored`` itself)."""
+    for name, index in quant.readers:
+        nodes[name].input[index] = restored
+    for output in quant.restored_outputs[1:]:
+        inserter.before(None, helper.make_node(
+            "Identity", [restored], [output], name=graph.unique_name(f"{output}.identity")))
+
+
+def _add_tensor_quant(graph: OnnxGraph, inserter: NodeInserter,
+                      nodes: dict[str, onnx.NodeProto], quant: TensorQuant) -> None:
+    anchor = tensor_quant_anchor(inserter, nodes, quant)
+    prefix = f"{quant.tensor}.quant"
+    quantized = add_quant_chain(graph, inserter, anchor, quant.tensor, quant.factors, prefix)
+    if quant.restores:
+        restored = (quant.restored_outputs[0] if quant.restored_outputs
+                    else graph.unique_name(f"{quant.tensor}.anti_quant.output"))
+        scale = add_constant(graph, f"{quant.tensor}.anti_quant.scale",
+                             np.asarray(quant.factors.scale, np.float32))
+        inserter.before(anchor, helper.make_node(
+            "Mul", [quantized, scale], [restored],
+            name=graph.unique_name(f"{quant.tensor}.anti_quant")))
+        connect_restored(graph, inserter, nodes, quant, restored)
+    if quant.int_output is not None:
+        shift = add_constant(graph, f"{prefix}.output.offset", np.asarray(
+            quant.factors.offset + quant.int_zero_shift, np.float32))
+        shifted = graph.unique_name(f"{prefix}.output.add.output")
+        to_type = onnx.TensorProto.UINT8 if quant.int_zero_shift else onnx.TensorProto.INT8
+        inserter.before(None, helper.make_node(
+            "Add", [quantized, shift], [shifted], name=graph.unique_name(f"{prefix}.output.add")),
+            helper.make_node("Cast", [shifted], [quant.int_output], to=to_type,
+                             name=graph.unique_name(f"{prefix}.output.cast")))
 
 
 def add_constant(graph: OnnxGraph, base: str, value: np.ndarray) -> str:
