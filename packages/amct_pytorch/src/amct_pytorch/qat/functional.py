@@ -1,0 +1,268 @@
+"""Autograd Functions of QAT fake-quantization (reference §3.4, §4).
+
+Each Function computes exactly the forward and backward of its amct_core definition:
+
+* :class:`UlqActivationFunction` — :mod:`amct_core.quant.ulq` (ULQ, learnable clips);
+* :class:`ArqRetrainFunction` — :func:`amct_core.quant.arq_retrain.arq_retrain_forward`
+  (per-step symmetric min-max weight fake-quant, straight-through identity gradient);
+* :class:`UlqWeightFunction` — :func:`amct_core.quant.arq_retrain.ulq_weight_forward`
+  (learnable symmetric weight clip).
+
+They run on every training step, so the forward is four element-wise passes
+(``round(x·(1/s))``, clamped to ``[qmin - o, qmax - o]``, times ``s``; the same integers as
+``clip(round(x·(1/s)) + o, qmin, qmax) - o`` because ``o`` is an integer) and the backward
+recomputes ``round(x·(1/s))`` from the saved input instead of keeping masks. ``1/s`` is the
+float32 reciprocal, as in :func:`amct_core.quant.scale_offset.quantize` and the AMCT
+fake-quant graph; ONNX ``QuantizeLinear`` divides by ``s``, which differs only where ``x/s``
+lies within a float32 rounding of a half-integer.
+
+For ``torch.onnx.export`` (TorchScript exporter, ``dynamo=False``) each Function has a
+``symbolic`` that emits ``QuantizeLinear → DequantizeLinear``. The factors must be constants
+of the exported graph, so the QAT modules pass them (read from their state) in the
+``export_factors`` argument while exporting; without them the symbolic raises.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from amct_core.errors import QuantizationError
+from amct_core.quant.scale_offset import FLT_EPSILON, int_range
+from amct_core.quant.ulq import ulq_scale_offset
+
+
+@dataclass(frozen=True)
+class ExportFactors:
+    """Constant factors for the ONNX symbolic: ``scales``/``zero_points`` (one value per tensor
+    or per channel along ``axis``; ``axis`` None means per tensor) and ``num_bits``."""
+
+    scales: tuple[float, ...]
+    zero_points: tuple[int, ...]
+    axis: int | None
+    num_bits: int
+    name: str = "QAT layer"
+
+
+def _qdq_symbolic(g, value, factors: ExportFactors | None, what: str):
+    """``QuantizeLinear → DequantizeLinear`` with constant factors (reference §4)."""
+    if factors is None:
+        raise QuantizationError(
+            f"{what} cannot be exported by itself: export the model that holds the QAT module "
+            "(Conv2dQAT, LinearQAT, ...), which passes its quantization factors to the graph.")
+    opset = int(getattr(g, "opset", 13))
+    if factors.num_bits == 4:
+        raise QuantizationError(
+            f"{factors.name}: INT4 QAT layers cannot be exported to standard ONNX "
+            "QuantizeLinear/DequantizeLinear (int4 needs opset 21, beyond what torch.onnx's "
+            "TorchScript exporter writes); train with dst_type INT8 to export a QDQ model.")
+    if factors.num_bits == 16 and opset < 21:
+        raise QuantizationError(
+            f"{factors.name}: an INT16 QuantizeLinear needs opset_version >= 21 (got {opset}), "
+            "beyond what torch.onnx's TorchScript exporter writes (opset 20); train with "
+            "dst_type INT8 to export a QDQ model.")
+    if opset < 10:
+        raise QuantizationError(
+            f"{factors.name}: QuantizeLinear needs opset_version >= 10 (>= 13 for per-channel "
+            f"weights), got {opset}; pass opset_version=13 or later to torch.onnx.export.")
+    per_channel = factors.axis is not None and len(factors.scales) > 1
+    if per_channel and opset < 13:
+        raise QuantizationError(
+            f"{factors.name}: per-channel (channel_wise) weight quantization exports a "
+            f"QuantizeLinear with an axis, which needs opset_version >= 13, got {opset}; pass "
+            "opset_version=13 or later to torch.onnx.export.")
+    zp_dtype = torch.int8 if factors.num_bits == 8 else torch.int16
+    scale_t = torch.tensor(factors.scales, dtype=torch.float32)
+    zp_t = torch.tensor(factors.zero_points, dtype=zp_dtype)
+    if not per_channel:
+        scale_t, zp_t = scale_t.reshape(()), zp_t.reshape(())
+    scale_c = g.op("Constant", value_t=scale_t)
+    zp_c = g.op("Constant", value_t=zp_t)
+    kwargs = {"axis_i": int(factors.axis)} if per_channel else {}
+    quantized = g.op("QuantizeLinear", value, scale_c, zp_c, **kwargs)
+    return g.op("DequantizeLinear", quantized, scale_c, zp_c, **kwargs)
+
+
+def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: int,
+                     fixed_min: bool) -> tuple[float, int]:
+    """``(s, o)`` of the clips, the values of :func:`amct_core.quant.ulq.ulq_scale_offset`
+    computed with scalar float32 arithmetic (it runs on every step; the element-wise kernels
+    are fastest with Python-number operands): ``s = float32(max(c_max,0) - min(c_min,0)) /
+    float32(2^b - 1)`` (``< FLT_EPSILON`` → 1), ``o = -round(c_min / s) - 2^(b-1)`` (half to
+    even, float64 division)."""
+    hi = np.float32(clip_max.detach().reshape(-1)[0].item())
+    lo = np.float32(0.0) if fixed_min else np.float32(clip_min.detach().reshape(-1)[0].item())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        return ulq_scale_offset(float(hi), float(lo), num_bits, fixed_min)  # raises
+    hi = max(hi, np.float32(0.0))
+    lo = min(lo, np.float32(0.0))
+    scale = np.float32(hi - lo) / np.float32((1 << num_bits) - 1)
+    if scale < FLT_EPSILON:
+        scale = np.float32(1.0)
+    offset = -round(float(lo) / float(scale)) - (1 << (num_bits - 1))
+    return float(scale), int(offset)
+
+
+class UlqActivationFunction(torch.autograd.Function):
+    """ULQ activation fake-quant (forward and backward of :mod:`amct_core.quant.ulq`).
+
+    ``apply(x, clip_max, clip_min, num_bits, fixed_min, export_factors=None)``; the clips are
+    1-element tensors. Backward: ``grad_x = g·inside``, ``grad_clip_max = Σ(qerr + upper)·g``,
+    ``grad_clip_min = Σ(lower - qerr)·g`` (None when ``fixed_min``),
+    ``qerr = (round(t) - t)/(2^b - 1)`` inside, ``t = x·float32(1/s)``.
+
+    Implementation: with ``r = round(t)``, ``k_lo = qmin - o`` and ``k_hi = qmax - o`` the
+    forward is ``clamp(r, k_lo, k_hi)·s`` (four passes; the same integers as
+    ``clip(r + o, qmin, qmax) - o`` since ``o`` is an integer). The backward recomputes ``r``
+    from the saved input; with torch's fused ``threshold_backward`` (``g`` where ``r > c``)
+    ``A = g·[r > k_lo - ½]`` and ``U = g·[r > k_hi + ½]`` (exact, ``r`` is an integer),
+    ``grad_x = A - U``, ``Σ upper·g = Σ U`` and ``Σ lower·g = Σ g - Σ A``. Scalars are Python
+    numbers (float32 values), as in the core.
+    """
+
+    @staticmethod
+    def forward(ctx, x, clip_max, clip_min, num_bits, fixed_min, export_factors=None):
+        qmin, qmax = int_range(num_bits)
+        scale, offset = ulq_host_factors(clip_max, clip_min, num_bits, fixed_min)
+        k_lo, k_hi = float(qmin - offset), float(qmax - offset)
+        inverse = float(np.float32(1.0) / np.float32(scale))
+        out = torch.mul(x, inverse)
+        out.round_()
+        out.clamp_(k_lo, k_hi)
+        out.mul_(scale)
+        ctx.save_for_backward(x)
+        ctx.factors = (inverse, k_lo, k_hi, num_bits)
+        ctx.fixed_min = fixed_min
+        ctx.clip_shapes = (clip_max.shape, clip_min.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        inverse, k_lo, k_hi, num_bits = ctx.factors
+        g = grad_output.contiguous()
+        t = torch.mul(x, inverse)
+        r = torch.round(t)
+        # threshold_backward(g, r, c) = g where r > c, else 0 (one fused pass each)
+        grad_x = torch.ops.aten.threshold_backward(g, r, k_lo - 0.5)  # g·[r >= k_lo]
+        not_lower = None if ctx.fixed_min else grad_x.sum()
+        t.sub_(r)  # t - round(t) = -(round(t) - t)
+        torch.ops.aten.threshold_backward.grad_input(g, r, k_hi + 0.5, grad_input=r)
+        upper = r.sum()  # r now holds g·upper
+        grad_x.sub_(r)  # g·inside
+        qerr_sum = torch.dot(grad_x.view(-1), t.view(-1)) / float(-((1 << num_bits) - 1))
+        grad_max = (qerr_sum + upper).reshape(ctx.clip_shapes[0])
+        grad_min = None
+        if not ctx.fixed_min and ctx.needs_input_grad[2]:
+            lower = g.sum() - not_lower
+            grad_min = (lower - qerr_sum).reshape(ctx.clip_shapes[1])
+        return grad_x, grad_max, grad_min, None, None, None
+
+    @staticmethod
+    def symbolic(g, x, clip_max, clip_min, num_bits, fixed_min, export_factors=None):
+        return _qdq_symbolic(g, x, export_factors, "UlqActivationFunction")
+
+
+def arq_retrain_scale(weight: torch.Tensor, num_bits: int, channel_wise: bool,
+                      axis: int) -> torch.Tensor:
+    """Symmetric min-max scales of ``weight`` (float32, shape ``(C,)`` or ``(1,)``), the rule of
+    :func:`amct_core.quant.arq.arq_weight`: ``max(|max|,|min|)/(2^(b-1)-1)``, ``/2^(b-1)`` when
+    ``|min| > |max|``; ``< FLT_EPSILON`` → 1."""
+    w = weight.detach()
+    if channel_wise:
+        rows = w.transpose(0, axis) if axis else w
+        rows = rows.reshape(w.shape[axis], -1)
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # (faster than aminmax on CPU)
+    else:
+        lo, hi = w.amin().reshape(1), w.amax().reshape(1)
+    half = float(1 << (num_bits - 1))
+    neg, pos = lo.abs(), hi.abs()
+    scale = torch.where(neg > pos, neg / half, pos / (half - 1.0))
+    return scale.masked_fill_(scale < FLT_EPSILON, 1.0)
+
+
+def _fake_quantize_weight(weight: torch.Tensor, scale: torch.Tensor, num_bits: int, axis: int,
+                          per_channel: bool) -> torch.Tensor:
+    """``clip(round(w·(1/s)), qmin, qmax)·s`` (offset 0; ``scale`` per channel along ``axis``
+    when ``per_channel``; ``1/s`` the float32 reciprocal)."""
+    qmin, qmax = int_range(num_bits)
+    s = _lay(scale, weight.dim(), axis, per_channel)
+    with torch.no_grad():
+        out = torch.mul(weight, torch.reciprocal(s))
+        return out.round_().clamp_(qmin, qmax).mul_(s)
+
+
+def _lay(values: torch.Tensor, ndim: int, axis: int, per_channel: bool) -> torch.Tensor:
+    """Per-channel ``values`` shaped to broadcast along ``axis``; one value as a 0-d tensor."""
+    if not per_channel:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = values.numel()
+    return values.reshape(shape)
+
+
+class ArqRetrainFunction(torch.autograd.Function):
+    """ARQ-retrain weight fake-quant: ``clip(round(w·(1/s)), qmin, qmax)·s`` with the current
+    symmetric min-max ``s`` (per channel along ``axis`` when ``channel_wise``); backward is the
+    straight-through identity. ``apply(w, num_bits, channel_wise, axis, export_factors=None)``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, num_bits, channel_wise, axis, export_factors=None):
+        scale = arq_retrain_scale(weight, num_bits, channel_wise, axis)
+        return _fake_quantize_weight(weight, scale, num_bits, axis, channel_wise)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None, None
+
+    @staticmethod
+    def symbolic(g, weight, num_bits, channel_wise, axis, export_factors=None):
+        return _qdq_symbolic(g, weight, export_factors, "ArqRetrainFunction")
+
+
+def ulq_weight_scale(clip: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """``|c|/(2^(b-1) - 1)`` in float32, ``< FLT_EPSILON`` → 1 (as
+    :func:`amct_core.quant.arq_retrain.ulq_weight_scale`)."""
+    scale = clip.detach().abs().float() / float((1 << (num_bits - 1)) - 1)
+    return torch.where(scale < FLT_EPSILON, torch.ones_like(scale), scale)
+
+
+class UlqWeightFunction(torch.autograd.Function):
+    """ULQ-retrain weight fake-quant with learnable symmetric clips ``c`` (one, or one per
+    channel along ``axis``): ``ŵ = clip(round(w·(1/s)), qmin, qmax)·s``, ``s = c/qmax``.
+    Backward: ``grad_w = g·inside``, ``grad_c = Σ_channel ((round(t)-t)/qmax·inside + upper +
+    (qmin/qmax)·lower)·g``. ``apply(w, clip, num_bits, axis, export_factors=None)``."""
+
+    @staticmethod
+    def forward(ctx, weight, clip, num_bits, axis, export_factors=None):
+        per_channel = math.prod(clip.shape) > 1
+        flat_scale = ulq_weight_scale(clip, num_bits).reshape(-1)
+        out = _fake_quantize_weight(weight, flat_scale, num_bits, axis, per_channel)
+        scale = _lay(flat_scale, weight.dim(), axis, per_channel)
+        ctx.save_for_backward(weight, scale)
+        ctx.num_bits, ctx.axis, ctx.clip_shape = num_bits, axis, clip.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, scale = ctx.saved_tensors
+        qmin, qmax = int_range(ctx.num_bits)
+        t = torch.mul(weight, torch.reciprocal(scale))
+        r = torch.round(t)
+        below, above = r < qmin, r > qmax
+        grad_w = grad_output.masked_fill(below | above, 0.0)
+        local = grad_w * (r - t) / float(qmax) + grad_output * above \
+            + grad_output * below * (qmin / qmax)
+        if math.prod(ctx.clip_shape) == 1:
+            grad_clip = local.sum()
+        else:
+            grad_clip = local.transpose(0, ctx.axis).reshape(local.shape[ctx.axis], -1).sum(1)
+        return grad_w, grad_clip.reshape(ctx.clip_shape), None, None, None
+
+    @staticmethod
+    def symbolic(g, weight, clip, num_bits, axis, export_factors=None):
+        return _qdq_symbolic(g, weight, export_factors, "UlqWeightFunction")
+

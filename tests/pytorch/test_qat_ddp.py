@@ -1,0 +1,83 @@
+"""QAT layers under DistributedDataParallel (2 processes, gloo, CPU): the IFMR-initialised ULQ
+clips are averaged over the ranks (reference §3.4), so after initialisation and a few steps on
+different data every rank holds the same clips and the same quant_factors()."""
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from amct_core.quant.ulq import ifmr_initial_clips
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from amct_pytorch.nn.module.quantization.conv2d import Conv2dQAT
+    from amct_pytorch.nn.module.quantization.linear import LinearQAT
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights; DDP broadcasts them anyway
+        net = nn.Sequential(
+            Conv2dQAT(1, 4, 3, stride=2, config={"retrain_data_config": {"batch_num": 2}}),
+            nn.ReLU(), nn.Flatten(),
+            LinearQAT(4 * 7 * 7, 3, config={"retrain_weight_config": {"channel_wise": False}}))
+        model = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+        first_batches = []
+        after_init = None
+        for step in range(5):
+            x = torch.rand(8, 1, 16, 16, generator=gen) * (1.0 + rank)
+            y = torch.randint(0, 3, (8,), generator=gen)
+            if len(first_batches) < 2:
+                first_batches.append(x.numpy().copy())
+            loss = nn.functional.cross_entropy(model(x), y)
+            if step == 1:  # the forward that completed the IFMR initialisation
+                quantizer = net[0].act_quantizer
+                after_init = [float(quantizer.clip_max.detach()),
+                              float(quantizer.clip_min.detach())]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        factors = [layer.quant_factors() for layer in (net[0], net[3])]
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"),
+                 clips=np.array([float(p.detach()) for name, p in net.named_parameters()
+                                 if "clip" in name]),
+                 scale_d=np.array([f.scale_d for f in factors]),
+                 offset_d=np.array([f.offset_d for f in factors]),
+                 scale_w0=factors[0].scale_w, scale_w1=factors[1].scale_w,
+                 local_init=np.array(ifmr_initial_clips(first_batches, 8)),
+                 after_init=np.array(after_init))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_hold_the_same_clips_and_factors(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    for key in ("clips", "scale_d", "offset_d", "scale_w0", "scale_w1"):
+        np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)
+    # each rank's own IFMR clips differ (its data is scaled differently), so equality above
+    # comes from the averaging
+    local = [r["local_init"] for r in ranks]
+    assert abs(local[0][0] - local[1][0]) > 0.1
+    np.testing.assert_allclose(ranks[0]["after_init"], (local[0] + local[1]) / 2, rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_array_equal(ranks[0]["after_init"], ranks[1]["after_init"])
+    assert np.all(np.isfinite(ranks[0]["clips"]))
