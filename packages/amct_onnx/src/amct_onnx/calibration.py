@@ -42,6 +42,7 @@ again.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -316,7 +317,10 @@ def _run_calibration(model: onnx.ModelProto, model_file: str, plan: _Plan,
             calibrator.update(tensors[tensor])
         del tensors, values
         done += 1
-        LOGGER.info("Calibration batch %d/%d done.", done, batch_num)
+        # calibrate_tensors replays batches a front end has already reported (nothing_written
+        # is empty there): its progress goes to the debug level.
+        LOGGER.log(logging.INFO if nothing_written else logging.DEBUG,
+                   "Calibration batch %d/%d done.", done, batch_num)
     if done < batch_num:
         raise AmctValueError(
             f"Calibration got {done} batch(es), but '{model_file}' was made for "

@@ -4,7 +4,10 @@ Graph-based post-training quantization (reference §3.1): :func:`create_quant_co
 :func:`quantize_model` and :func:`save_model`; the eager API of the seed's first example:
 :func:`quantize` and :func:`convert`; DMQ balancing: :func:`quantize_preprocess`;
 accuracy-based automatic calibration:
-:func:`accuracy_based_auto_calibration`. Tensor decomposition lives in
+:func:`accuracy_based_auto_calibration`; graph-based quantization-aware training:
+:func:`create_quant_retrain_config`, :func:`create_quant_retrain_model`,
+:func:`restore_quant_retrain_model` and :func:`save_quant_retrain_model` (the single-op QAT
+modules are in :mod:`amct_pytorch.nn.module.quantization`). Tensor decomposition lives in
 :mod:`amct_pytorch.tensor_decompose`. The quantization API is imported on first use, so
 ``import amct_pytorch.tensor_decompose`` does not load ONNX Runtime.
 """
@@ -22,6 +25,10 @@ _LAZY = {
     "convert": "amct_pytorch.eager.quantize",
     "accuracy_based_auto_calibration": "amct_pytorch.ptq.auto_calibration",
     "quantize_preprocess": "amct_pytorch.ptq.dmq_preprocess",
+    "create_quant_retrain_config": "amct_pytorch.qat.retrain_tool",
+    "create_quant_retrain_model": "amct_pytorch.qat.retrain_tool",
+    "restore_quant_retrain_model": "amct_pytorch.qat.retrain_tool",
+    "save_quant_retrain_model": "amct_pytorch.qat.retrain_tool",
 }
 
 __all__ = ["__version__", *_LAZY]
