@@ -81,3 +81,46 @@ def test_ddp_ranks_hold_the_same_clips_and_factors(tmp_path):
                                atol=1e-7)
     np.testing.assert_array_equal(ranks[0]["after_init"], ranks[1]["after_init"])
     assert np.all(np.isfinite(ranks[0]["clips"]))
+
+
+def _graph_worker(rank: int, world: int, port: int, out_dir: str, images: np.ndarray,
+                  labels: np.ndarray) -> None:
+    import amct_pytorch as amct
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+        x = torch.from_numpy(images)
+        y = torch.from_numpy(labels)
+        config_file = os.path.join(out_dir, f"config{rank}.json")
+        record_file = os.path.join(out_dir, f"record{rank}.txt")
+        amct.create_quant_retrain_config(config_file, net, x[:2])
+        retrain = amct.create_quant_retrain_model(config_file, net, record_file, x[:2])
+        model = nn.parallel.DistributedDataParallel(retrain)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for step in range(6):  # each rank trains on its own half of the digits
+            index = torch.arange(step * 32, (step + 1) * 32) + rank * 1000
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            model(x[:16])  # the first eval-mode forward writes the record
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_graph_based_qat_writes_the_same_record_on_every_rank(tmp_path, mnist):
+    (x, y), _ = mnist
+    mp.spawn(_graph_worker, args=(2, _free_port(), str(tmp_path), x[:2000].numpy(),
+                                  y[:2000].numpy()), nprocs=2, join=True)
+    records = [(tmp_path / f"record{rank}.txt").read_text() for rank in range(2)]
+    assert records[0] == records[1]
+    assert records[0].count("key:") == 3  # two convs and the linear layer
+    assert "scale_d" in records[0] and "scale_w" in records[0]
