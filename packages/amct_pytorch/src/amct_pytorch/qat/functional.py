@@ -24,6 +24,7 @@ of the exported graph, so the QAT modules pass them (read from their state) in t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,8 +93,18 @@ def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: i
     are fastest with Python-number operands): ``s = float32(max(c_max,0) - min(c_min,0)) /
     float32(2^b - 1)`` (``< FLT_EPSILON`` → 1), ``o = -round(c_min / s) - 2^(b-1)`` (half to
     even, float64 division)."""
-    hi = np.float32(clip_max.detach().reshape(-1)[0].item())
-    lo = np.float32(0.0) if fixed_min else np.float32(clip_min.detach().reshape(-1)[0].item())
+    if torch.onnx.is_in_onnx_export():
+        # While exporting, the factors become constants of the graph on purpose (the
+        # symbolic receives them as export_factors): the tracer's warning about .item() is
+        # expected, not the user's concern.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            hi = np.float32(clip_max.detach().reshape(-1)[0].item())
+            lo = (np.float32(0.0) if fixed_min
+                  else np.float32(clip_min.detach().reshape(-1)[0].item()))
+    else:
+        hi = np.float32(clip_max.detach().reshape(-1)[0].item())
+        lo = np.float32(0.0) if fixed_min else np.float32(clip_min.detach().reshape(-1)[0].item())
     if not (math.isfinite(hi) and math.isfinite(lo)):
         return ulq_scale_offset(float(hi), float(lo), num_bits, fixed_min)  # raises
     hi = max(hi, np.float32(0.0))
