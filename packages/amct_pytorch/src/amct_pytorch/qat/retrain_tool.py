@@ -221,6 +221,10 @@ def create_quant_retrain_model(config_file: str | os.PathLike, model: nn.Module,
         qat = qat_class.from_float(module, config=_module_config(layer_config,
                                                                  config.batch_num))
         qat.train(module.training)
+        for part, quantizer in (("activation", qat.act_quantizer),
+                                ("weight", qat.wts_quantizer)):
+            if quantizer is not None:  # messages name the layer, not only its class
+                quantizer.name = f"layer {name} ({type(qat).__name__}) {part} quantizer"
         replace_submodule(model, name, qat)
         replaced[name] = qat
     if not replaced:
