@@ -62,6 +62,23 @@ def test_ulq_function_equals_core_forward_and_backward(clip_max, clip_min, bits,
         assert float(cmin.grad) == pytest.approx(ref.grad_clip_min, abs=1e-6 * scale_g)
 
 
+def test_ulq_backward_scratch_buffers_serve_layers_of_any_size():
+    # The backward's temporaries are shared buffers (functional._scratch): a large layer, a
+    # small one and a large one again, the gradients of each stay those of the core.
+    rng = np.random.default_rng(1)
+    for shape in [(2, 4, 9, 9), (3, 8, 16, 16), (1, 2, 5, 5), (3, 8, 16, 16), (7, 30)]:
+        x_np = (rng.standard_normal(shape) * 2).astype(np.float32)
+        g_np = rng.standard_normal(shape).astype(np.float32)
+        x = torch.from_numpy(x_np).requires_grad_()
+        cmax, cmin = _clips(2.0, -1.5, False)
+        UlqActivationFunction.apply(x, cmax, cmin, 8, False).backward(torch.from_numpy(g_np))
+        ref = core_ulq.ulq_backward(x_np, g_np, 2.0, -1.5, 8, False)
+        np.testing.assert_array_equal(x.grad.numpy(), ref.grad_x)
+        scale_g = float(np.abs(g_np).sum())
+        assert float(cmax.grad) == pytest.approx(ref.grad_clip_max, abs=1e-6 * scale_g)
+        assert float(cmin.grad) == pytest.approx(ref.grad_clip_min, abs=1e-6 * scale_g)
+
+
 @pytest.mark.parametrize(("shape", "axis", "channel_wise", "bits"),
                          [((8, 3, 3, 3), 0, True, 8), ((8, 3, 3, 3), 0, False, 8),
                           ((4, 6, 2, 2), 1, True, 8), ((10, 20), 0, False, 4),

@@ -24,6 +24,7 @@ of the exported graph, so the QAT modules pass them (read from their state) in t
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -116,6 +117,33 @@ def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: i
     return float(scale), int(offset)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(like: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """``count`` temporary tensors shaped and typed like ``like``, views of buffers kept per
+    thread, device and dtype and grown to the largest size asked for.
+
+    The backward of every ULQ layer needs two activation-sized temporaries. Fresh tensors of
+    that size come from newly mapped memory on each call (the first write to every page
+    faults), which made the backward several times slower than its arithmetic; layers run
+    their backward one after another, so one set of buffers serves them all (the memory of
+    ``count`` of the largest activation, once per thread). A caller must not keep the views
+    beyond its own call.
+    """
+    key = (like.device, like.dtype)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    held = buffers.get(key, [])
+    numel = like.numel()
+    if len(held) < count or held[0].numel() < numel:
+        held = [torch.empty(max(numel, held[0].numel() if held else 0), dtype=like.dtype,
+                            device=like.device) for _ in range(count)]
+        buffers[key] = held
+    return [buffer[:numel].view(like.shape) for buffer in held[:count]]
+
+
 class UlqActivationFunction(torch.autograd.Function):
     """ULQ activation fake-quant (forward and backward of :mod:`amct_core.quant.ulq`).
 
@@ -154,8 +182,9 @@ class UlqActivationFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         inverse, k_lo, k_hi, num_bits = ctx.factors
         g = grad_output.contiguous()
-        t = torch.mul(x, inverse)
-        r = torch.round(t)
+        t, r = _scratch(x, 2)
+        torch.mul(x, inverse, out=t)
+        torch.round(t, out=r)
         # threshold_backward(g, r, c) = g where r > c, else 0 (one fused pass each)
         grad_x = torch.ops.aten.threshold_backward(g, r, k_lo - 0.5)  # g·[r >= k_lo]
         not_lower = None if ctx.fixed_min else grad_x.sum()
