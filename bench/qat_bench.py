@@ -7,7 +7,8 @@ them) and is fine-tuned for ``--steps`` SGD steps on the same batches. Measured:
 
 * the training-step time (forward, backward, optimizer step; median over the steps after
   ``--warmup`` steps, so the ULQ/observer initialisation is not counted), as a multiple of the
-  FP32 step;
+  FP32 step; the four variants take turns step by step, so drifts of the machine's speed hit
+  them alike;
 * the accuracy on the test digits after fine-tuning: FP32 in PyTorch; ours from the models a
   user deploys (graph-based: the fake-quant ONNX model that ``save_quant_retrain_model``
   writes; single-op: ``torch.onnx.export`` then ``convert_qat_model``'s fake-quant model, both
@@ -87,23 +88,31 @@ def batches(data, steps: int, batch_size: int, seed: int = 7):
     return out
 
 
-def fine_tune(model: nn.Module, train_batches, warmup: int) -> dict:
-    """SGD fine-tuning; returns the step times (s) after ``warmup`` and the losses."""
+def fine_tune(models: dict[str, nn.Module], train_batches, warmup: int) -> dict[str, dict]:
+    """SGD fine-tuning of every model on the same batches. The variants take turns step by
+    step (a step of each, then the next batch), so a change in the machine's speed during the
+    run affects them alike. Returns, per model, the median step time after ``warmup`` (ms) and
+    the losses."""
     torch.manual_seed(0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    model.train()
-    times, losses = [], []
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+                  for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    losses: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.train()
     for step, (x, y) in enumerate(train_batches):
-        start = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        elapsed = time.perf_counter() - start
-        if step >= warmup:
-            times.append(elapsed)
-        losses.append(loss.item())
-    return {"step_ms": 1000 * statistics.median(times), "losses": losses}
+        for name, model in models.items():
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[name].append(elapsed)
+            losses[name].append(loss.item())
+    return {name: {"step_ms": 1000 * statistics.median(times[name]), "losses": losses[name]}
+            for name in models}
 
 
 def accuracy_torch(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
@@ -175,44 +184,38 @@ def main(argv: list[str] | None = None) -> int:
                     "data": data.source, "test_digits": len(labels),
                     "steps": args.steps, "batch_size": args.batch_size,
                     "accuracy_before_pct": accuracy_torch(fp32, images, labels)}
-    results: dict[str, dict] = {}
     work = tempfile.mkdtemp(prefix="qat_bench_")
 
-    print("[Bench] FP32 fine-tuning", flush=True)
-    model = copy.deepcopy(fp32)
-    results["fp32"] = fine_tune(model, train_batches, args.warmup)
-    results["fp32"]["accuracy_pct"] = accuracy_torch(model, images, labels)
-    results["fp32"]["accuracy_of"] = "PyTorch"
-
-    print("[Bench] graph-based QAT (create_quant_retrain_model)", flush=True)
-    model = copy.deepcopy(fp32)
+    print("[Bench] preparing: FP32, graph-based QAT (create_quant_retrain_model), single-op QAT "
+          "(from_float), torch.ao.quantization prepare_qat", flush=True)
     config_file, record_file = f"{work}/config.json", f"{work}/record.txt"
-    amct_pytorch.create_quant_retrain_config(config_file, model, example)
-    model = amct_pytorch.create_quant_retrain_model(config_file, model, record_file, example)
-    results["graph_qat"] = fine_tune(model, train_batches, args.warmup)
-    results["graph_qat"]["accuracy_torch_pct"] = accuracy_torch(model, images, labels)
-    amct_pytorch.save_quant_retrain_model(config_file, model, record_file, f"{work}/graph",
+    graph = copy.deepcopy(fp32)
+    amct_pytorch.create_quant_retrain_config(config_file, graph, example)
+    graph = amct_pytorch.create_quant_retrain_model(config_file, graph, record_file, example)
+    models = {"fp32": copy.deepcopy(fp32), "graph_qat": graph,
+              "single_op_qat": single_op_model(fp32), "torch_ao_qat": torch_ao_model(fp32)}
+    print(f"[Bench] fine-tuning the four variants in turns, {args.steps} steps", flush=True)
+    results = fine_tune(models, train_batches, args.warmup)
+
+    results["fp32"]["accuracy_pct"] = accuracy_torch(models["fp32"], images, labels)
+    results["fp32"]["accuracy_of"] = "PyTorch"
+    results["graph_qat"]["accuracy_torch_pct"] = accuracy_torch(graph, images, labels)
+    amct_pytorch.save_quant_retrain_model(config_file, graph, record_file, f"{work}/graph",
                                           example, input_names=[INPUT_NAME],
                                           output_names=[OUTPUT_NAME],
                                           dynamic_axes=DYNAMIC_AXES)
     results["graph_qat"]["accuracy_pct"] = accuracy_onnx(f"{work}/graph_fake_quant_model.onnx",
                                                          images, labels)
     results["graph_qat"]["accuracy_of"] = "fake-quant ONNX (save_quant_retrain_model)"
-
-    print("[Bench] single-op QAT modules (from_float)", flush=True)
-    model = single_op_model(fp32)
-    results["single_op_qat"] = fine_tune(model, train_batches, args.warmup)
-    results["single_op_qat"]["accuracy_torch_pct"] = accuracy_torch(model, images, labels)
-    export_qdq(model, example, f"{work}/single_op_qdq.onnx")
+    single = models["single_op_qat"]
+    results["single_op_qat"]["accuracy_torch_pct"] = accuracy_torch(single, images, labels)
+    export_qdq(single, example, f"{work}/single_op_qdq.onnx")
     convert_qat_model(f"{work}/single_op_qdq.onnx", f"{work}/single_op")
     results["single_op_qat"]["accuracy_pct"] = accuracy_onnx(
         f"{work}/single_op_fake_quant_model.onnx", images, labels)
     results["single_op_qat"]["accuracy_of"] = "fake-quant ONNX (convert_qat_model)"
-
-    print("[Bench] torch.ao.quantization prepare_qat", flush=True)
-    model = torch_ao_model(fp32)
-    results["torch_ao_qat"] = fine_tune(model, train_batches, args.warmup)
-    results["torch_ao_qat"]["accuracy_pct"] = accuracy_torch(model, images, labels)
+    results["torch_ao_qat"]["accuracy_pct"] = accuracy_torch(models["torch_ao_qat"], images,
+                                                             labels)
     results["torch_ao_qat"]["accuracy_of"] = "PyTorch fake-quant"
 
     base_ms = results["fp32"]["step_ms"]
