@@ -100,12 +100,11 @@ def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: i
         # expected, not the user's concern.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            hi = np.float32(clip_max.detach().reshape(-1)[0].item())
-            lo = (np.float32(0.0) if fixed_min
-                  else np.float32(clip_min.detach().reshape(-1)[0].item()))
-    else:
-        hi = np.float32(clip_max.detach().reshape(-1)[0].item())
-        lo = np.float32(0.0) if fixed_min else np.float32(clip_min.detach().reshape(-1)[0].item())
+            hi = np.float32(clip_max.item())
+            lo = np.float32(0.0) if fixed_min else np.float32(clip_min.item())
+    else:  # the clips hold one element each
+        hi = np.float32(clip_max.item())
+        lo = np.float32(0.0) if fixed_min else np.float32(clip_min.item())
     if not (math.isfinite(hi) and math.isfinite(lo)):
         return ulq_scale_offset(float(hi), float(lo), num_bits, fixed_min)  # raises
     hi = max(hi, np.float32(0.0))
@@ -118,6 +117,9 @@ def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: i
 
 
 _SCRATCH = threading.local()
+#: The fused mask kernels of the ULQ backward, looked up once.
+_HARDTANH_BACKWARD = torch.ops.aten.hardtanh_backward.default
+_THRESHOLD_BACKWARD_INTO = torch.ops.aten.threshold_backward.grad_input
 
 
 def _scratch(like: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -155,10 +157,11 @@ class UlqActivationFunction(torch.autograd.Function):
     Implementation: with ``r = round(t)``, ``k_lo = qmin - o`` and ``k_hi = qmax - o`` the
     forward is ``clamp(r, k_lo, k_hi)·s`` (four passes; the same integers as
     ``clip(r + o, qmin, qmax) - o`` since ``o`` is an integer). The backward recomputes ``r``
-    from the saved input; with torch's fused ``threshold_backward`` (``g`` where ``r > c``)
-    ``A = g·[r > k_lo - ½]`` and ``U = g·[r > k_hi + ½]`` (exact, ``r`` is an integer),
-    ``grad_x = A - U``, ``Σ upper·g = Σ U`` and ``Σ lower·g = Σ g - Σ A``. Scalars are Python
-    numbers (float32 values), as in the core.
+    from the saved input into two shared scratch buffers; torch's fused mask kernels give
+    ``grad_x = g·[k_lo - ½ < r < k_hi + ½]`` (``hardtanh_backward``; exact, ``r`` is an
+    integer) and ``U = g·[r > k_hi + ½]`` (``threshold_backward``); ``Σ qerr·g`` is one dot
+    product of ``grad_x`` with ``t - r`` and ``Σ lower·g = Σ g - Σ grad_x - Σ U``. Scalars
+    are Python numbers (float32 values), as in the core.
     """
 
     @staticmethod
@@ -185,20 +188,21 @@ class UlqActivationFunction(torch.autograd.Function):
         t, r = _scratch(x, 2)
         torch.mul(x, inverse, out=t)
         torch.round(t, out=r)
-        # threshold_backward(g, r, c) = g where r > c, else 0 (one fused pass each)
-        grad_x = torch.ops.aten.threshold_backward(g, r, k_lo - 0.5)  # g·[r >= k_lo]
-        not_lower = None if ctx.fixed_min else grad_x.sum()
-        t.sub_(r)  # t - round(t) = -(round(t) - t)
-        torch.ops.aten.threshold_backward.grad_input(g, r, k_hi + 0.5, grad_input=r)
-        upper = r.sum()  # r now holds g·upper
-        grad_x.sub_(r)  # g·inside
-        qerr_sum = torch.dot(grad_x.view(-1), t.view(-1)) / float(-((1 << num_bits) - 1))
-        grad_max = (qerr_sum + upper).reshape(ctx.clip_shapes[0])
+        # g where k_lo - ½ < r < k_hi + ½, i.e. k_lo <= r <= k_hi (r is an integer): g·inside
+        grad_x = _HARDTANH_BACKWARD(g, r, k_lo - 0.5, k_hi + 0.5)
+        t.sub_(r)  # t - round(t) = -n·qerr on the inside elements
+        neg_qerr_sum = torch.dot(grad_x.view(-1), t.view(-1))  # -n·Σ qerr·g
+        _THRESHOLD_BACKWARD_INTO(g, r, k_hi + 0.5, grad_input=r)  # r := g·upper
+        upper = r.sum()
+        levels = float((1 << num_bits) - 1)
+        grad_max = torch.add(upper, neg_qerr_sum, alpha=-1.0 / levels)
         grad_min = None
         if not ctx.fixed_min and ctx.needs_input_grad[2]:
-            lower = g.sum() - not_lower
-            grad_min = (lower - qerr_sum).reshape(ctx.clip_shapes[1])
-        return grad_x, grad_max, grad_min, None, None, None
+            # Σ lower·g = Σ g - Σ inside·g - Σ upper·g
+            lower = g.sum() - grad_x.sum() - upper
+            grad_min = torch.add(lower, neg_qerr_sum, alpha=1.0 / levels)
+            grad_min = grad_min.reshape(ctx.clip_shapes[1])
+        return grad_x, grad_max.reshape(ctx.clip_shapes[0]), grad_min, None, None, None
 
     @staticmethod
     def symbolic(g, x, clip_max, clip_min, num_bits, fixed_min, export_factors=None):
