@@ -461,3 +461,12 @@ def test_retrain_enable_false_is_the_float_layer():
     torch.testing.assert_close(conv(x), nn.functional.conv2d(x, conv.weight, conv.bias))
     with pytest.raises(QuantizationError, match="retrain_enable is false"):
         conv.quant_factors()
+
+
+def test_torch_export_gets_a_clear_error_naming_the_torchscript_exporter():
+    layer = LinearQAT(4, 3, config={"retrain_weight_config": {"channel_wise": False}})
+    layer.train()
+    layer(torch.rand(2, 4))  # initialises the clips
+    layer.eval()
+    with pytest.raises(Exception, match="dynamo=False"):
+        torch.export.export(layer, (torch.rand(2, 4),))

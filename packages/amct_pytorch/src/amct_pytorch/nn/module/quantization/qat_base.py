@@ -233,6 +233,12 @@ class QatLayerMixin:
 
     def _quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
+        if torch.compiler.is_exporting():
+            raise QuantizationError(
+                f"{type(self).__name__}: QAT layers export to ONNX through the TorchScript "
+                "exporter, which writes their QuantizeLinear/DequantizeLinear nodes; call "
+                "torch.onnx.export(..., dynamo=False). torch.export / the dynamo exporter "
+                "cannot trace them.")
         if not self.retrain_enable:
             return x, self.weight
         return self.act_quantizer(x), self.wts_quantizer(self.weight)
