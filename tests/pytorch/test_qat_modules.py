@@ -470,3 +470,16 @@ def test_torch_export_gets_a_clear_error_naming_the_torchscript_exporter():
     layer.eval()
     with pytest.raises(Exception, match="dynamo=False"):
         torch.export.export(layer, (torch.rand(2, 4),))
+
+
+def test_from_float_refuses_a_subclass_with_its_own_forward():
+    class ScaledConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    class PlainSubclass(nn.Conv2d):
+        pass
+
+    with pytest.raises(UnsupportedLayerError, match="ScaledConv subclasses torch.nn.Conv2d"):
+        Conv2dQAT.from_float(ScaledConv(3, 4, 3), config=None)
+    assert isinstance(Conv2dQAT.from_float(PlainSubclass(3, 4, 3), config=None), Conv2dQAT)

@@ -268,6 +268,12 @@ class QatLayerMixin:
             raise UnsupportedLayerError(
                 f"{cls.__name__}.from_float needs a torch.nn.{float_cls.__name__} (not a QAT "
                 f"layer), got {type(mod).__name__}.")
+        if type(mod).forward is not float_cls.forward:
+            raise UnsupportedLayerError(
+                f"{cls.__name__}.from_float: {type(mod).__name__} subclasses "
+                f"torch.nn.{float_cls.__name__} with its own forward, which the QAT layer "
+                f"would replace by the plain {float_cls.__name__} computation; quantize the "
+                f"layers inside it, or keep it in float.")
         weight = mod.weight
         qat = cls(**kwargs, bias=mod.bias is not None, device=weight.device,
                   dtype=weight.dtype, config=copy.deepcopy(config))
