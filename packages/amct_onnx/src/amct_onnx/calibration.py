@@ -32,7 +32,15 @@ quantized and folded.
     {"version": 1, "batch_num": N,
      "layers": {"<layer>": {"tensor": "<input tensor>", "act_algo": "ifmr" | "hfmg",
                             "kwargs": {<IfmrCalibrator / HfmgCalibrator arguments>}}},
-     "default": {"act_algo": "ifmr", "kwargs": {...}}}
+     "default": {"act_algo": "ifmr", "kwargs": {...}},
+     "dmq": {"<layer>": <migration strength>}}      (only when the config enables DMQ)
+
+**DMQ** (reference §3.4, ``dmq_balancer_param`` in the config): the reference's
+``quantize_preprocess`` forward becomes a first pass of :func:`calibrate` over the same
+``batch_num`` batches, which takes the per-channel maxima of each balanced layer's input; the
+balance factors ``s`` (``tensor_balance_factor``) and the ARQ factors of ``W·s`` replace the
+layer's weight factors in the record, and the activation calibration sees ``X / s``. Grouped
+convolutions are not balanced (a warning says so).
 
 ``default`` holds the parameters of the extra tensors the QDQ writer asks for (record keys
 ``tensor:<name>``): IFMR with the defaults of the JSON config, ``asymmetric`` =
@@ -41,11 +49,13 @@ again.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +73,12 @@ from amct_core.quant.config import (
     build_quant_config_from_cfg,
     load_quant_config,
     write_quant_config,
+)
+from amct_core.quant.dmq import (
+    apply_balance,
+    balance_activation,
+    dmq_balance_factors,
+    weight_in_channel_abs_max,
 )
 from amct_core.quant.hfmg import HfmgCalibrator
 from amct_core.quant.ifmr import IfmrCalibrator, ifmr
@@ -151,10 +167,6 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
     infos = _quant_layers(model, model_file)
     config = load_quant_config(os.fspath(config_file), [info.layer for info in infos])
     enabled = config.enabled_layers()
-    if config.dmq_enabled:
-        LOGGER.warning("Config %s sets dmq_balancer_param, but amct_onnx has no DMQ "
-                       "(quantize_preprocess); the layers are quantized without it.",
-                       os.fspath(config_file))
     if config.do_fusion:
         fused = fold_batchnorm(model, config.skip_fusion_layers, in_place=True)
         model = fused.model
@@ -164,6 +176,7 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
 
     records: dict[str, LayerRecord] = {}
     settings: dict[str, tuple[str, ActivationQuantParams]] = {}
+    dmq: dict[str, float] = {}
     graph = OnnxGraph(model)
     for name, layer_config in enabled.items():
         info = by_name.get(name)
@@ -173,13 +186,24 @@ def quantize_model(config_file: str | os.PathLike, model_file: str | os.PathLike
         records[name] = _layer_record(graph, info, layer_config,
                                       config.fakequant_precision_mode)
         settings[name] = (info.input_name, layer_config.activation)
+        if layer_config.dmq_balancer_param is not None:
+            reason = _dmq_unsupported(info)
+            if reason is None:
+                dmq[name] = float(layer_config.dmq_balancer_param)
+            else:
+                LOGGER.warning("Layer %s: DMQ (dmq_balancer_param) is not applied: %s.", name,
+                               reason)
     write_record(os.fspath(record_file), records)
     LOGGER.info("ARQ weight factors of %d layer(s) written to %s.",
                 sum(1 for r in records.values() if r.has_weight_factors),
                 os.fspath(record_file))
 
     set_calibration_settings(model, config.batch_num, settings,
-                             ActivationQuantParams(asymmetric=bool(config.activation_offset)))
+                             ActivationQuantParams(asymmetric=bool(config.activation_offset)),
+                             dmq=dmq)
+    if dmq:
+        LOGGER.info("DMQ balancing of %d layer(s): the balance factors are computed from the "
+                    "calibration batches.", len(dmq))
     _save_onnx(model, modified_onnx_file)
     LOGGER.info("Modified ONNX model written to %s; calibrate it with %d batch(es).",
                 os.fspath(modified_onnx_file), config.batch_num)
@@ -216,8 +240,25 @@ def calibrate(modified_onnx_file: str | os.PathLike, record_file: str | os.PathL
             f"'{model_file}': it was not written by the quantize_model call that wrote this "
             f"model. Pass the record_file given to quantize_model.")
 
-    results = _run_calibration(model, model_file, plan, input_batches,
-                               f"Nothing was written to '{record_file}'.")
+    nothing_written = f"Nothing was written to '{record_file}'."
+    transforms: dict[tuple[str, str], Callable[[np.ndarray], np.ndarray]] = {}
+    if plan.dmq:
+        # DMQ needs the batches twice: once for the per-channel maxima, once to calibrate the
+        # balanced inputs (the reference's quantize_preprocess forward, then quantize_model's)
+        input_batches = list(itertools.islice(iter(input_batches), plan.batch_num))
+        balances = _dmq_balances(model, model_file, plan, input_batches, records,
+                                 nothing_written)
+        for record_key, key in plan.targets:
+            if record_key in balances:
+                factors, axis = balances[record_key][:2]
+                transforms[key] = functools.partial(balance_activation, factors=factors,
+                                                    channel_axis=axis)
+    results = _run_calibration(model, model_file, plan, input_batches, nothing_written,
+                               transforms)
+    if plan.dmq:
+        for name, (factors, _axis, scale_w, offset_w) in balances.items():
+            records[name].tensor_balance_factor = factors
+            records[name].scale_w, records[name].offset_w = scale_w, offset_w
     written: dict[str, LayerRecord] = {}
     for record_key, calibrator_key in plan.targets:
         scale, offset = results[calibrator_key]
@@ -266,20 +307,25 @@ def calibrate_tensors(modified_onnx_file: str | os.PathLike,
 
 def set_calibration_settings(model: onnx.ModelProto, batch_num: int,
                              layers: Mapping[str, tuple[str, ActivationQuantParams]],
-                             default: ActivationQuantParams) -> None:
+                             default: ActivationQuantParams,
+                             dmq: Mapping[str, float] | None = None) -> None:
     """Store in ``model``'s metadata what calibration needs (module docstring): ``batch_num``,
-    each enabled layer's input tensor and activation parameters, and the parameters of the
-    QDQ writer's extra tensors."""
+    each enabled layer's input tensor and activation parameters, the parameters of the QDQ
+    writer's extra tensors, and the DMQ migration strength of the layers balanced by
+    :func:`calibrate`."""
     metadata = {"version": _METADATA_VERSION, "batch_num": int(batch_num),
                 "layers": {name: {"tensor": tensor, **_calibrator_setting(params)}
                            for name, (tensor, params) in layers.items()},
                 "default": _calibrator_setting(default)}
+    if dmq:
+        metadata["dmq"] = {name: float(strength) for name, strength in dmq.items()}
     _set_metadata(model, CALIBRATION_METADATA_KEY, json.dumps(metadata))
 
 
 def _run_calibration(model: onnx.ModelProto, model_file: str, plan: _Plan,
                      input_batches: Iterable[Mapping[str, np.ndarray]],
-                     nothing_written: str) -> dict:
+                     nothing_written: str,
+                     transforms: Mapping[tuple[str, str], Callable] | None = None) -> dict:
     """Run ``batch_num`` batches with the plan's tensors exposed as outputs, feed the
     calibrators and return their results by calibrator key."""
     graph = OnnxGraph(model)
@@ -313,8 +359,11 @@ def _run_calibration(model: onnx.ModelProto, model_file: str, plan: _Plan,
         # the caller may reuse its input buffers: keep copies of the inputs IFMR accumulates
         tensors.update((name, np.array(value, dtype=np.float32))
                        for name, value in feeds.items() if name in plan.tensors)
-        for (tensor, _), calibrator in calibrators.items():
-            calibrator.update(tensors[tensor])
+        for key, calibrator in calibrators.items():
+            value = tensors[key[0]]
+            if transforms and key in transforms:
+                value = transforms[key](value)
+            calibrator.update(value)
         del tensors, values
         done += 1
         # calibrate_tensors replays batches a front end has already reported (nothing_written
@@ -441,6 +490,87 @@ def _type_name(num_bits: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# DMQ (reference §3.4)
+
+
+def _activation_channel_axis(info: QuantLayerInfo) -> int:
+    """The channel axis of a layer's input: 1 for convolutions (NC...), the last axis for
+    MatMul and Gemm (0 for Gemm with transA)."""
+    if info.op_type == "Gemm":
+        trans_a = next((a.i for a in info.node.attribute if a.name == "transA"), 0)
+        return 0 if trans_a else 1
+    return -1 if info.op_type == "MatMul" else 1
+
+
+def _dmq_unsupported(info: QuantLayerInfo) -> str | None:
+    """Why DMQ cannot balance a layer, or None (the writers balance ungrouped layers with a
+    weight, reference §3.4)."""
+    if info.weight_name is None:
+        return "it has no weight"
+    if info.group != 1:
+        return f"it is a grouped convolution (group {info.group})"
+    return None
+
+
+def _core_layout(info: QuantLayerInfo, weight: np.ndarray) -> tuple[np.ndarray, str]:
+    """The weight in the layout of :mod:`amct_core.quant.dmq` (PyTorch's), and its kind: a
+    linear weight is (out, in), so Gemm without transB and MatMul weights are transposed."""
+    if info.kind == "linear" and info.channel_axis != 0:
+        return weight.T, "linear"
+    return weight, info.kind
+
+
+def _dmq_balances(model: onnx.ModelProto, model_file: str, plan: _Plan,
+                  batches: list, records: Mapping[str, LayerRecord],
+                  nothing_written: str) -> dict[str, tuple]:
+    """``{layer: (s, activation channel axis, scale_w, offset_w)}``: the DMQ balance factors
+    ``s_j = max|X_j|^α / max|W_j|^(1-α)`` from the per-channel maxima of the layers' inputs
+    over the calibration batches, and the ARQ factors of the balanced weights ``W·s``."""
+    infos = {info.name: info for info in find_quant_layers(model)}
+    graph = OnnxGraph(model)
+    tensors = {name: infos[name].input_name for name in plan.dmq}
+    input_names = list(graph.graph_inputs)
+    fetched = list(dict.fromkeys(t for t in tensors.values() if t not in input_names))
+    session = _session_with_outputs(model, fetched, plan.types)
+    maxima: dict[str, np.ndarray] = {}
+    if len(batches) < plan.batch_num:
+        raise AmctValueError(
+            f"Calibration got {len(batches)} batch(es), but '{model_file}' was made for "
+            f"batch_num={plan.batch_num}. {nothing_written}")
+    for index, batch in enumerate(batches):
+        feeds = _check_feeds(batch, input_names, index, plan.batch_num, model_file)
+        values = dict(zip(fetched, session.run(fetched, feeds) if fetched else [],
+                          strict=True))
+        values.update(feeds)
+        for name, tensor in tensors.items():
+            data = np.abs(np.asarray(values[tensor], dtype=np.float32))
+            axis = _activation_channel_axis(infos[name]) % data.ndim
+            batch_max = data.max(axis=tuple(i for i in range(data.ndim) if i != axis))
+            maxima[name] = batch_max if name not in maxima else np.maximum(maxima[name],
+                                                                           batch_max)
+    balances = {}
+    for name, strength in plan.dmq.items():
+        info = infos[name]
+        weight = graph.initializer_array(info.weight_name).astype(np.float32)
+        core_weight, kind = _core_layout(info, weight)
+        factors = dmq_balance_factors(maxima[name], weight_in_channel_abs_max(core_weight, kind),
+                                      strength)
+        balanced = apply_balance(core_weight, factors, kind)
+        if balanced.shape != weight.shape:
+            balanced = balanced.T
+        record = records[name]
+        channel_wise = np.asarray(record.scale_w).size > 1
+        scale_w, offset_w = arq_weight(balanced, record.num_bits_w, channel_wise,
+                                       axis=info.channel_axis)
+        balances[name] = (factors, _activation_channel_axis(info),
+                          np.asarray(scale_w, np.float32).reshape(-1),
+                          np.asarray(offset_w, np.int64).reshape(-1))
+    LOGGER.info("DMQ balance factors of %d layer(s) computed from %d batch(es).", len(balances),
+                len(batches))
+    return balances
+
+
+# --------------------------------------------------------------------------------------------
 # Calibration
 
 
@@ -508,6 +638,8 @@ class _Plan:
     calibrators: dict[tuple[str, str], dict]
     targets: list[tuple[str, tuple[str, str]]]
     types: dict[str, int]
+    #: layer -> DMQ migration strength, for the layers :func:`calibrate` balances
+    dmq: dict[str, float] = field(default_factory=dict)
 
 
 def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
@@ -526,6 +658,8 @@ def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
                   for name, setting in metadata["layers"].items()}
         default = {"act_algo": metadata["default"]["act_algo"],
                    "kwargs": metadata["default"]["kwargs"]}
+        dmq = {str(name): float(strength)
+               for name, strength in metadata.get("dmq", {}).items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise AmctValueError(
             f"'{model_file}': the calibration settings (metadata "
@@ -539,6 +673,8 @@ def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
 
     def add(record_key: str, tensor: str, setting: dict) -> None:
         key = (tensor, json.dumps(setting, sort_keys=True))
+        if record_key in dmq:  # its calibrator sees its own balanced input: not shared
+            key = (tensor, f"{key[1]} dmq:{record_key}")
         calibrators.setdefault(key, setting)
         targets.append((record_key, key))
 
@@ -548,7 +684,11 @@ def _calibration_plan(model: onnx.ModelProto, model_file: str) -> _Plan:
     for tensor in qdq_calibration_tensors(model, list(layers), types):
         add(tensor_key(tensor), tensor, default)
     tensors = list(dict.fromkeys(tensor for tensor, _ in calibrators))
-    return _Plan(batch_num, list(layers), tensors, calibrators, targets, types)
+    unknown = [name for name in dmq if name not in layers]
+    if unknown:
+        raise AmctValueError(f"'{model_file}': the calibration settings balance layer(s) "
+                             f"{unknown} that are not calibrated. Run quantize_model again.")
+    return _Plan(batch_num, list(layers), tensors, calibrators, targets, types, dmq)
 
 
 def _session_with_outputs(model: onnx.ModelProto, tensors: list[str],
