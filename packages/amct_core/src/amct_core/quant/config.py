@@ -52,11 +52,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import text_format
+from google.protobuf.message import Message
 
 from amct_core.atomic_file import write_atomically
 from amct_core.errors import AmctFileNotFoundError, AmctTypeError, AmctValueError, ConfigError
@@ -314,15 +315,19 @@ def _default_weight(layer: QuantLayer) -> WeightQuantParams | None:
 
 
 def _parse_cfg(path: str) -> cfg_pb2.AMCTConfig:
+    return read_cfg_message(path, cfg_pb2.AMCTConfig(), "AMCTConfig", ".cfg file")
+
+
+def read_cfg_message(path: str, message: Message, schema: str, kind: str,
+                     hint: Callable[[str], str] | None = None) -> Message:
+    """Parse the simple config ``path`` (protobuf text format of ``schema``, reference §3.2)
+    into ``message``. :class:`AmctFileNotFoundError` names the missing file (``kind``: what
+    to pass as config_defination); :class:`ConfigError` gives the line and column of a parse
+    error, with ``hint(reason)`` appended when given."""
     if not os.path.isfile(path):
         raise AmctFileNotFoundError(f"Simple config '{path}' does not exist. Pass the path of "
-                                    f"an existing .cfg file as config_defination.")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"Simple config '{path}' is not UTF-8 text ({error}).") from None
-    message = cfg_pb2.AMCTConfig()
+                                    f"an existing {kind} as config_defination.")
+    text = _read_utf8(path, "Simple config")
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as error:
@@ -331,10 +336,51 @@ def _parse_cfg(path: str) -> cfg_pb2.AMCTConfig:
         if separator and head.replace(":", "").isdigit():
             reason = tail
         raise ConfigError(
-            f"Simple config '{path}' is not valid (protobuf text format of AMCTConfig, "
-            f"reference §3.2): line {error.GetLine()}, column {error.GetColumn()}: {reason}. "
-            f"Fix the file.") from None
+            f"Simple config '{path}' is not valid (protobuf text format of {schema}, "
+            f"reference §3.2): line {error.GetLine()}, column {error.GetColumn()}: {reason}."
+            f"{hint(reason) if hint else ''} Fix the file.") from None
     return message
+
+
+def _read_utf8(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text ({error}).") from None
+
+
+def read_json_config(path: str, what: str, creator: str) -> Any:
+    """The JSON object of config file ``path`` (``what``: "Quantization config" ...), parsed
+    strictly: a key twice in one object, NaN/Infinity and malformed JSON raise
+    :class:`ConfigError` with the line and column; a missing file raises
+    :class:`AmctFileNotFoundError` that says to run ``creator``."""
+    if not os.path.isfile(path):
+        raise AmctFileNotFoundError(f"{what} '{path}' does not exist. Create it with {creator}, "
+                                    f"or pass the right config_file.")
+    text = _read_utf8(path, what)
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in data:
+                raise ConfigError(
+                    f"{what} '{path}': key '{key}' appears twice in one object. "
+                    f"Keys (layer names included) must be unique; keep one.")
+            data[key] = value
+        return data
+
+    def reject_constant(constant: str) -> Any:
+        raise ConfigError(f"{what} '{path}': {constant} is not a valid value; "
+                          f"use a finite number.")
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=reject_constant)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{what} '{path}' is not valid JSON: line {error.lineno}, column "
+            f"{error.colno}: {error.msg}. Fix the file, or create it again with "
+            f"{creator}.") from None
 
 
 def _check_calibration_config(config: cfg_pb2.CalibrationConfig, where: str, fail) -> None:
@@ -521,35 +567,7 @@ def load_quant_config(path: str | os.PathLike,
     else.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AmctFileNotFoundError(f"Quantization config '{path}' does not exist. Create it "
-                                    f"with create_quant_config, or pass the right config_file.")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"Quantization config '{path}' is not UTF-8 text ({error}).") from None
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in data:
-                raise ConfigError(
-                    f"Quantization config '{path}': key '{key}' appears twice in one object. "
-                    f"Keys (layer names included) must be unique; keep one.")
-            data[key] = value
-        return data
-
-    def reject_constant(constant: str) -> Any:
-        raise ConfigError(f"Quantization config '{path}': {constant} is not a valid value; "
-                          f"use a finite number.")
-
-    try:
-        data = json.loads(text, object_pairs_hook=unique_keys, parse_constant=reject_constant)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"Quantization config '{path}' is not valid JSON: line {error.lineno}, column "
-            f"{error.colno}: {error.msg}. Fix the file, or create it again with "
-            f"create_quant_config.") from None
+    data = read_json_config(path, "Quantization config", "create_quant_config")
     return quant_config_from_dict(data, layers, source=path)
 
 
@@ -562,8 +580,11 @@ def quant_config_from_dict(data: Any, layers: Iterable[QuantLayer] | None = None
     return _Validator(source, None if layers is None else _layers_by_name(layers)).config(data)
 
 
-class _Validator:
-    """Validation of the JSON config; every error names the source, the layer and the key."""
+class FieldChecker:
+    """Typed getters for a JSON config; every error names the file (``LABEL`` and the
+    source), the layer and the key. Shared by the PTQ and QAT config validators."""
+
+    LABEL = "Config"
 
     def __init__(self, source: str, layers: dict[str, QuantLayer] | None) -> None:
         self.source = source
@@ -571,7 +592,7 @@ class _Validator:
 
     def fail(self, key: str, what: str, layer: str | None = None) -> ConfigError:
         where = f"layer '{layer}', key '{key}'" if layer is not None else f"key '{key}'"
-        return ConfigError(f"Quantization config '{self.source}': {where}: {what}")
+        return ConfigError(f"{self.LABEL} '{self.source}': {where}: {what}")
 
     # typed getters --------------------------------------------------------------------------
 
@@ -595,6 +616,12 @@ class _Validator:
         if not isinstance(value, dict):
             raise self.fail(key, f"must be a JSON object, got {_show(value)}.", layer)
         return value
+
+
+class _Validator(FieldChecker):
+    """Validation of the PTQ JSON config."""
+
+    LABEL = "Quantization config"
 
     # the file -------------------------------------------------------------------------------
 

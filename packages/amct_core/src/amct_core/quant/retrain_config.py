@@ -45,24 +45,24 @@ the top-level ``retrain_data_quant_config`` / ``retrain_weight_quant_config`` > 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import text_format
-
 from amct_core.atomic_file import write_atomically
-from amct_core.errors import AmctFileNotFoundError, ConfigError
+from amct_core.errors import ConfigError
 from amct_core.proto import retrain_config_pb2 as pb
 from amct_core.quant.config import (
+    FieldChecker,
     _check_argument,
     _known_names,
     _known_types,
     _layers_by_name,
     _preview,
     _show,
+    read_cfg_message,
+    read_json_config,
 )
 from amct_core.quant.layers import QuantLayer
 
@@ -244,29 +244,12 @@ def build_retrain_config_from_cfg(layers: Sequence[QuantLayer], cfg_path: str | 
 
 
 def _parse_cfg(path: str) -> pb.AMCTRetrainConfig:
-    if not os.path.isfile(path):
-        raise AmctFileNotFoundError(f"Simple config '{path}' does not exist. Pass the path of "
-                                    f"an existing retrain .cfg file as config_defination.")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"Simple config '{path}' is not UTF-8 text ({error}).") from None
-    message = pb.AMCTRetrainConfig()
-    try:
-        text_format.Merge(text, message)
-    except text_format.ParseError as error:
-        reason = str(error)
-        head, separator, tail = reason.partition(" : ")
-        if separator and head.replace(":", "").isdigit():
-            reason = tail
-        hint = (" Pruning (prune_config, regular_prune_*) is not supported by this toolkit yet."
+    def prune_hint(reason: str) -> str:
+        return (" Pruning (prune_config, regular_prune_*) is not supported by this toolkit yet."
                 if "prune" in reason else "")
-        raise ConfigError(
-            f"Simple config '{path}' is not valid (protobuf text format of AMCTRetrainConfig, "
-            f"reference §3.2): line {error.GetLine()}, column {error.GetColumn()}: {reason}."
-            f"{hint} Fix the file.") from None
-    return message
+
+    return read_cfg_message(path, pb.AMCTRetrainConfig(), "AMCTRetrainConfig",
+                            "retrain .cfg file", prune_hint)
 
 
 def _resolve_layer(layer: QuantLayer, chain: list[tuple[str, Any]], after_relu: bool,
@@ -338,32 +321,7 @@ def load_retrain_config(path: str | os.PathLike,
     :class:`AmctFileNotFoundError` for a missing file and :class:`ConfigError`, naming the file,
     layer and key, for anything else."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AmctFileNotFoundError(f"Retrain config '{path}' does not exist. Create it with "
-                                    f"create_quant_retrain_config, or pass the right "
-                                    f"config_file.")
-    try:
-        with open(path, encoding="utf-8") as stream:
-            text = stream.read()
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"Retrain config '{path}' is not UTF-8 text ({error}).") from None
-
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        data: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in data:
-                raise ConfigError(f"Retrain config '{path}': key '{key}' appears twice in one "
-                                  f"object; keep one.")
-            data[key] = value
-        return data
-
-    try:
-        data = json.loads(text, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"Retrain config '{path}' is not valid JSON: line {error.lineno}, column "
-            f"{error.colno}: {error.msg}. Fix the file, or create it again with "
-            f"create_quant_retrain_config.") from None
+    data = read_json_config(path, "Retrain config", "create_quant_retrain_config")
     return retrain_config_from_dict(data, layers, source=path)
 
 
@@ -374,25 +332,10 @@ def retrain_config_from_dict(data: Any, layers: Iterable[QuantLayer] | None = No
     return _Validator(source, known).config(data)
 
 
-class _Validator:
-    def __init__(self, source: str, layers: dict[str, QuantLayer] | None) -> None:
-        self.source = source
-        self.layers = layers
+class _Validator(FieldChecker):
+    """Validation of the QAT JSON config."""
 
-    def fail(self, key: str, what: str, layer: str | None = None) -> ConfigError:
-        where = f"layer '{layer}', key '{key}'" if layer is not None else f"key '{key}'"
-        return ConfigError(f"Retrain config '{self.source}': {where}: {what}")
-
-    def boolean(self, value: Any, key: str, layer: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {_show(value)}.", layer)
-        return value
-
-    def number(self, value: Any, key: str, layer: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not math.isfinite(value):
-            raise self.fail(key, f"must be a finite number, got {_show(value)}.", layer)
-        return float(value)
+    LABEL = "Retrain config"
 
     def choice(self, value: Any, key: str, layer: str, allowed: Sequence[str],
                refused: Mapping[str, str] | None = None) -> str:

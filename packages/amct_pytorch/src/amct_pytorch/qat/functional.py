@@ -23,6 +23,7 @@ of the exported graph, so the QAT modules pass them (read from their state) in t
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
@@ -94,16 +95,13 @@ def ulq_host_factors(clip_max: torch.Tensor, clip_min: torch.Tensor, num_bits: i
     are fastest with Python-number operands): ``s = float32(max(c_max,0) - min(c_min,0)) /
     float32(2^b - 1)`` (``< FLT_EPSILON`` → 1), ``o = -round(c_min / s) - 2^(b-1)`` (half to
     even, float64 division)."""
-    if torch.onnx.is_in_onnx_export():
-        # While exporting, the factors become constants of the graph on purpose (the
-        # symbolic receives them as export_factors): the tracer's warning about .item() is
-        # expected, not the user's concern.
-        with warnings.catch_warnings():
+    # While exporting, the factors become constants of the graph on purpose (the symbolic
+    # receives them as export_factors): the tracer's warning about .item() is expected.
+    exporting = torch.onnx.is_in_onnx_export()
+    with warnings.catch_warnings() if exporting else contextlib.nullcontext():
+        if exporting:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            hi = np.float32(clip_max.item())
-            lo = np.float32(0.0) if fixed_min else np.float32(clip_min.item())
-    else:  # the clips hold one element each
-        hi = np.float32(clip_max.item())
+        hi = np.float32(clip_max.item())  # the clips hold one element each
         lo = np.float32(0.0) if fixed_min else np.float32(clip_min.item())
     if not (math.isfinite(hi) and math.isfinite(lo)):
         return ulq_scale_offset(float(hi), float(lo), num_bits, fixed_min)  # raises

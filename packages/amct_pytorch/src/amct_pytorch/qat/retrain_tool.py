@@ -43,7 +43,6 @@ from amct_core.quant.arq import arq_weight
 from amct_core.quant.config import ActivationQuantParams
 from amct_core.quant.record import LayerRecord, read_record, write_record
 from amct_core.quant.retrain_config import (
-    LayerRetrainConfig,
     build_retrain_config,
     build_retrain_config_from_cfg,
     load_retrain_config,
@@ -218,8 +217,8 @@ def create_quant_retrain_model(config_file: str | os.PathLike, model: nn.Module,
                            "whose forward the QAT module would replace.", name,
                            type(module).__name__)
             continue
-        qat = qat_class.from_float(module, config=_module_config(layer_config,
-                                                                 config.batch_num))
+        qat = qat_class.from_float(module,
+                                   config=layer_config.single_op_config(config.batch_num))
         qat.train(module.training)
         for part, quantizer in (("activation", qat.act_quantizer),
                                 ("weight", qat.wts_quantizer)):
@@ -237,10 +236,6 @@ def create_quant_retrain_model(config_file: str | os.PathLike, model: nn.Module,
     LOGGER.info("Create quant retrain model success: %d layer(s) retrained (batch_num %d).",
                 len(replaced), config.batch_num)
     return model
-
-
-def _module_config(layer: LayerRetrainConfig, batch_num: int) -> dict[str, Any]:
-    return layer.single_op_config(batch_num)
 
 
 def _remove_sessions(model: nn.Module) -> None:
