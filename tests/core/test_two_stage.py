@@ -1,0 +1,187 @@
+"""The two-stage path of the spatial SVD: band reduction, band eigenvectors by filtered
+subspace iteration, and the factors it gives, against independent numpy eigen-solvers.
+
+Spectra come from real data where it matters: the Gram matrix of patches of a mosaic of
+sklearn's handwritten digits (a steep image spectrum that needs several rounds and locking) and
+kernels whose unfolding holds those patches.
+"""
+import numpy as np
+import pytest
+
+from amct_core.decompose import (
+    DecomposeMode,
+    band_subspace,
+    factorize_kernel,
+    two_stage,
+    unfold_weight,
+)
+from amct_core.decompose import spatial_svd as spatial_svd_module
+
+pytestmark = pytest.mark.skipif(not two_stage.available(np.float32),
+                                reason="this SciPy's LAPACK has no two-stage reduction")
+
+
+def patches(side: int, count: int) -> np.ndarray:
+    """``count`` side×side patches, one per row (float64), of a 42 × 42 mosaic of sklearn's
+    8×8 handwritten digits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:42 * 42].astype(np.float64)
+    image = digits.reshape(42, 42, 8, 8).transpose(0, 2, 1, 3).reshape(42 * 8, 42 * 8)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, image.shape[0] - side, count)
+    cols = rng.integers(0, image.shape[1] - side, count)
+    out = np.stack([image[r:r + side, c:c + side].ravel() for r, c in zip(rows, cols, strict=True)])
+    return out - out.mean(axis=0)
+
+
+def dense_band(band: np.ndarray) -> np.ndarray:
+    kd, n = band.shape[0] - 1, band.shape[1]
+    out = np.zeros((n, n))
+    for offset in range(kd + 1):
+        j = np.arange(n - offset)
+        out[j + offset, j] = band[offset, :n - offset]
+        out[j, j + offset] = band[offset, :n - offset]
+    return out
+
+
+def gram_of(data: np.ndarray, dtype) -> np.ndarray:
+    return np.asfortranarray((data.T @ data).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("bandwidth", [1, 8, 32])
+def test_band_reduction_keeps_the_spectrum_and_q1_maps_back(dtype, tol, bandwidth):
+    g = gram_of(patches(12, 3000), np.float64)
+    n = g.shape[0]
+    work = np.asfortranarray(g.astype(dtype))
+    band, tau = two_stage.reduce_to_band(work, bandwidth)
+    assert band.shape == (bandwidth + 1, n) and tau.shape == (n - bandwidth,)
+    expected = np.linalg.eigvalsh(g)
+    values = two_stage.band_eigenvalues(band)
+    assert values.dtype == np.float64 and np.all(np.diff(values) >= 0)
+    np.testing.assert_allclose(values, expected, atol=tol * expected[-1])
+    q1 = two_stage.apply_band_reflectors(work, tau, bandwidth, np.eye(n, dtype=dtype))
+    q1 = q1.astype(np.float64)
+    np.testing.assert_allclose(q1.T @ q1, np.eye(n), atol=50 * tol)
+    np.testing.assert_allclose(q1 @ dense_band(band.astype(np.float64)) @ q1.T, g,
+                               atol=50 * tol * expected[-1])
+
+
+def test_reduce_to_band_needs_fortran_order():
+    g = np.ascontiguousarray(gram_of(patches(6, 200), np.float64))
+    with pytest.raises(ValueError, match="Fortran"):
+        two_stage.reduce_to_band(g, 4)
+
+
+def test_band_operator_product_equals_the_dense_band():
+    g = gram_of(patches(10, 800), np.float64)
+    band, _ = two_stage.reduce_to_band(g, 12)
+    x = np.random.default_rng(1).standard_normal((band.shape[1], 7))
+    operator = band_subspace._BandOperator(band, np.float64)
+    out = operator.shifted_step(x, x, 2.5, 0.5, 0.25, np.empty_like(x))
+    dense = dense_band(band)
+    np.testing.assert_allclose(out, 0.5 * (dense @ x - 2.5 * x) - 0.25 * x, atol=1e-8)
+
+
+def excess_of(vectors: np.ndarray, gram: np.ndarray, rank: int) -> float:
+    """Independent measure: (tr G − tr(UᵀGU) − Σ_{h>r} λ_h) / Σ_{h>r} λ_h."""
+    values = np.linalg.eigvalsh(gram)[::-1]
+    u = vectors.astype(np.float64)
+    captured = np.trace(u.T @ gram @ u)
+    optimal = values[rank:].sum()
+    return (values.sum() - captured - optimal) / optimal
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("side, rank", [(12, 29), (16, 48)])
+def test_band_eigenvectors_reach_the_tolerance_on_a_steep_real_spectrum(dtype, side, rank):
+    g = gram_of(patches(side, 6000), np.float64)
+    band, _ = two_stage.reduce_to_band(np.asfortranarray(g.astype(dtype)), 16)
+    values = two_stage.band_eigenvalues(band)
+    assert values[-1] / values[-rank] > 20  # steep: several rounds, leading vectors locked
+    vectors, excess = band_subspace.top_band_eigenvectors(band, values, rank, tolerance=1e-3)
+    assert vectors.shape == (g.shape[0], rank) and vectors.dtype == dtype
+    u = vectors.astype(np.float64)
+    np.testing.assert_allclose(u.T @ u, np.eye(rank), atol=1e-4)
+    band_gram = dense_band(band.astype(np.float64))
+    independent = excess_of(vectors, band_gram, rank)
+    assert 0 <= excess <= 1e-3
+    assert independent == pytest.approx(excess, abs=2e-4)
+    assert independent <= 1e-3 + 2e-4
+
+
+def test_repeated_eigenvalues_and_full_block():
+    """A spectrum with a plateau across the rank boundary, and a rank whose block is the
+    whole matrix: both converge without dividing by a zero gap."""
+    rng = np.random.default_rng(3)
+    basis, _ = np.linalg.qr(rng.standard_normal((90, 90)))
+    values = np.concatenate([np.linspace(50, 10, 20), np.full(50, 4.0), np.linspace(1, 0, 20)])
+    g = np.asfortranarray((basis * values) @ basis.T)
+    band, _ = two_stage.reduce_to_band(g.copy(order="F"), 6)
+    eigenvalues = two_stage.band_eigenvalues(band)
+    for rank in (30, 85):
+        vectors, excess = band_subspace.top_band_eigenvectors(band, eigenvalues, rank)
+        assert excess_of(vectors, dense_band(band), rank) <= 1e-3 + 1e-9
+        assert excess <= 1e-3
+
+
+def test_rounds_stop_at_the_limit_and_report_the_excess(monkeypatch):
+    g = gram_of(patches(12, 3000), np.float64)
+    band, _ = two_stage.reduce_to_band(g.copy(order="F"), 16)
+    values = two_stage.band_eigenvalues(band)
+    monkeypatch.setattr(band_subspace, "MAX_ROUNDS", 1)
+    monkeypatch.setattr(band_subspace, "MAX_DEGREE", 1)
+    vectors, excess = band_subspace.top_band_eigenvectors(band, values, 40, tolerance=1e-12)
+    assert excess > 1e-12
+    assert excess_of(vectors, dense_band(band), 40) == pytest.approx(excess, rel=1e-3)
+
+
+def patch_kernel(shape) -> np.ndarray:
+    """A (Cout, Cin, KH, KW) kernel whose SCFK unfolding rows hold photograph patches."""
+    cout, cin, kh, kw = shape
+    rows = cin * kh
+    data = patches(int(np.sqrt(cout * kw)) + 1, rows)[:, :cout * kw]
+    return np.ascontiguousarray(data.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("loader", [False, True])
+def test_two_stage_factors_match_the_exact_path(monkeypatch, dtype, loader):
+    weight = patch_kernel((96, 48, 3, 3)).astype(dtype)
+    mode = DecomposeMode.SCFK
+    exact = factorize_kernel(weight, mode, compute_dtype=dtype)
+    calls = []
+    real = two_stage.reduce_to_band
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(two_stage, "reduce_to_band", spy)
+    monkeypatch.setattr(spatial_svd_module, "TWO_STAGE_MIN_ROWS", 64)
+    monkeypatch.setattr(spatial_svd_module, "BAND_WIDTH", 8)
+    fast = factorize_kernel((lambda: weight) if loader else weight, mode, compute_dtype=dtype)
+    assert calls == [8]
+    assert (fast.rank, fast.evbmf_rank) == (exact.rank, exact.evbmf_rank)
+    assert fast.first.shape == exact.first.shape and fast.last.shape == exact.last.shape
+    singular = np.linalg.svd(unfold_weight(weight.astype(np.float64), mode), compute_uv=False)
+    np.testing.assert_allclose(fast.singular_values ** 2, singular ** 2,  # eigenvalues of G
+                               atol=(1e-12 if dtype == np.float64 else 2e-5) * singular[0] ** 2)
+    optimal = np.sum(singular[fast.rank:] ** 2)
+    composed = np.einsum("kih,okw->oihw", fast.first[:, :, :, 0].astype(np.float64),
+                         fast.last[:, :, 0, :].astype(np.float64))
+    error = np.sum((composed - weight.astype(np.float64)) ** 2)
+    assert optimal <= error * (1 + 1e-6) and error <= optimal * (1 + 1.5e-3)
+
+
+def test_without_two_stage_routines_the_one_stage_path_is_used(monkeypatch):
+    weight = patch_kernel((96, 48, 3, 3))
+    monkeypatch.setattr(spatial_svd_module, "TWO_STAGE_MIN_ROWS", 64)
+    monkeypatch.setattr(two_stage, "_ROUTINES", {})
+    assert not two_stage.available(np.float32)
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=20)
+    singular = np.linalg.svd(unfold_weight(weight, DecomposeMode.SCFK), compute_uv=False)
+    composed = np.einsum("kih,okw->oihw", factors.first[:, :, :, 0], factors.last[:, :, 0, :])
+    assert np.sum((composed - weight) ** 2) == pytest.approx(np.sum(singular[20:] ** 2),
+                                                              rel=1e-9)
