@@ -185,3 +185,45 @@ def test_without_two_stage_routines_the_one_stage_path_is_used(monkeypatch):
     composed = np.einsum("kih,okw->oihw", factors.first[:, :, :, 0], factors.last[:, :, 0, :])
     assert np.sum((composed - weight) ** 2) == pytest.approx(np.sum(singular[20:] ** 2),
                                                               rel=1e-9)
+
+
+def low_rank_kernel(kind: str, dtype) -> np.ndarray:
+    """A (128, 128, 3, 3) kernel whose unfolding is zero, of rank 10, or of rank 10 plus a tail
+    10⁻⁴ times smaller (a layer with a few dominant directions): the spectra where the optimal
+    error is at or near the rounding level, and where the top eigenvalues are 10¹⁰ times λ_r."""
+    rng = np.random.default_rng(5)
+    if kind == "zero":
+        unfolded = np.zeros((384, 384))
+    else:
+        unfolded = rng.standard_normal((384, 10)) @ rng.standard_normal((10, 384))
+        if kind == "rank 10 + tail":
+            unfolded = unfolded + 1e-4 * rng.standard_normal((384, 384))
+    return np.ascontiguousarray(
+        unfolded.reshape(128, 3, 128, 3).transpose(2, 0, 1, 3).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["zero", "rank 10", "rank 10 + tail"])
+def test_rank_deficient_kernels_converge(monkeypatch, dtype, kind):
+    weight = low_rank_kernel(kind, dtype)
+    monkeypatch.setattr(spatial_svd_module, "TWO_STAGE_MIN_ROWS", 64)
+    monkeypatch.setattr(spatial_svd_module, "BAND_WIDTH", 8)
+    results = []
+    real = band_subspace.top_band_eigenvectors
+
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(band_subspace, "top_band_eigenvectors", spy)
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, compute_dtype=dtype)
+    assert [excess <= 1e-3 for _, excess in results] == [True]
+    assert np.all(np.isfinite(factors.first)) and np.all(np.isfinite(factors.last))
+    wide = weight.astype(np.float64)
+    singular = np.linalg.svd(unfold_weight(wide, DecomposeMode.SCFK), compute_uv=False)
+    composed = np.einsum("kih,okw->oihw", factors.first[:, :, :, 0].astype(np.float64),
+                         factors.last[:, :, 0, :].astype(np.float64))
+    error = np.sum((composed - wide) ** 2)
+    optimal = np.sum(singular[factors.rank:] ** 2)
+    rounding = 1e3 * np.finfo(dtype).eps * np.sum(singular ** 2)
+    assert error <= optimal * (1 + 1.5e-3) + rounding

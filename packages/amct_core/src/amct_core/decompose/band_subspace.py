@@ -18,10 +18,12 @@ and because tr(UᵀBU) = Σ_{i≤r} θ_i, the excess error of the rank-r basis i
 Σ_{i≤r} (λ_i − θ_i), computed at no cost from the known spectrum. Rounds repeat on the Ritz
 vectors until that excess is at most ``tolerance`` · E*.
 
-The degree is the largest (at most :data:`MAX_DEGREE`) for which the filter spreads the wanted
-eigenvalues over at most :data:`MAX_DYNAMIC_RANGE` (T_m at λ_max over T_m at λ_r): the QR of the
-filtered block works in the working precision, and a direction amplified 10⁴ times less than
-another keeps about log10(1/ε) − 4 correct digits (3 in float32).
+The degree is the largest (at most :data:`MAX_DEGREE`) for which the filter spreads the active
+eigenvalues over at most :data:`MAX_SPREAD` (T_m at the largest over T_m at λ_r): the filtered
+block is orthonormalised in the working precision, and a direction amplified 10⁴ times less
+than another keeps 3 correct digits in float32. Leading Ritz vectors whose summed excess is
+negligible are locked and deflated (projected out after every product), so the next rounds
+filter only the rest, with a degree set by the largest eigenvalue still active.
 """
 from __future__ import annotations
 
@@ -34,11 +36,14 @@ from scipy.linalg.blas import get_blas_funcs
 #: Highest Chebyshev degree per round, and the largest spread of the filter over the wanted
 #: eigenvalues (see the module docstring).
 MAX_DEGREE = 16
-MAX_DYNAMIC_RANGE = 1e4
-#: With converged vectors locked (see :func:`top_band_eigenvectors`), the filter may grow the
-#: leading eigenvalues this much: their components in the active block are at the rounding
-#: level after the projection, and stay below 10⁻³ of the wanted part after the growth.
-MAX_LOCKED_GROWTH = 1e10
+#: Largest spread T_m(λ_top)/T_m(λ_r) of the filter over the active eigenvalues, per working
+#: precision: in float32 a direction amplified 10⁴ times less than another keeps 3 digits; in
+#: float64 the bound comes from the Cholesky QR, whose Gram matrix squares the condition number
+#: of the filtered block (about 10² times the spread).
+MAX_SPREAD = {np.dtype(np.float32): 1e4, np.dtype(np.float64): 1e5}
+#: Largest T_m at the top active eigenvalue: the filtered block's condition number is about
+#: that (the damped directions keep |T_m| ≤ 1), and its Cholesky QR in float64 needs κ² ≪ 1/ε.
+MAX_GROWTH = 1e6
 #: Leading Ritz vectors are locked while their summed excess Σ(λ_i − θ_i) stays below this
 #: fraction of the allowed excess.
 LOCK_FRACTION = 0.1
@@ -47,6 +52,8 @@ OVERSAMPLING = 0.2
 MIN_OVERSAMPLING = 16
 #: Rounds before giving up on the tolerance (each round damps the rest further).
 MAX_ROUNDS = 24
+#: The smallest excess asked for, in units of ε·tr(B) (see :func:`top_band_eigenvectors`).
+ROUNDING_FLOOR = 100.0
 #: Rows of the band matrix per dense slab in the product B·X.
 SLAB_ROWS = 256
 
@@ -102,39 +109,47 @@ def _chebyshev(m: int, x: float) -> float:
     return math.cosh(m * math.acosh(abs(x))) * (1.0 if x > 0 or m % 2 == 0 else -1.0)
 
 
-def _degree(x_top: float, x_rank: float, x_max: float) -> int:
-    """Largest degree whose spread T_m(x_top)/T_m(x_rank) over the active block stays within
-    :data:`MAX_DYNAMIC_RANGE`, and whose growth at the largest eigenvalue, T_m(x_max)/T_m(x_rank),
-    within :data:`MAX_LOCKED_GROWTH` (what leaks in along locked vectors is amplified that much
-    before it is projected out)."""
+def _degree(x_top: float, x_rank: float, spread_limit: float) -> int:
+    """Largest degree whose spread T_m(x_top)/T_m(x_rank) stays within ``spread_limit`` and
+    whose growth T_m(x_top) within :data:`MAX_GROWTH`."""
     x_rank = max(x_rank, 1.0 + 1e-6)
     degree = 1
     while degree < MAX_DEGREE:
         nxt = degree + 1
         try:
-            spread = _chebyshev(nxt, x_top) / _chebyshev(nxt, x_rank)
-            growth = _chebyshev(nxt, x_max) / _chebyshev(nxt, x_rank)
+            growth = _chebyshev(nxt, x_top)
+            spread = growth / _chebyshev(nxt, x_rank)
         except OverflowError:
             break
-        if spread > MAX_DYNAMIC_RANGE or growth > MAX_LOCKED_GROWTH:
+        if spread > spread_limit or growth > MAX_GROWTH:
             break
         degree = nxt
     return degree
 
 
+def _deflate(block: np.ndarray, locked: np.ndarray) -> None:
+    """block ← (I − L Lᵀ) block, in place."""
+    if locked.shape[1]:
+        block -= locked @ (locked.T @ block)
+
+
 def _filter(operator: _BandOperator, block: np.ndarray, degree: int, center: float,
-            half_width: float, anchor: float, buffers: list[np.ndarray]) -> np.ndarray:
-    """p_m(B)·block, p_m the Chebyshev polynomial on [center ± half_width] scaled to 1 at
-    ``anchor`` (three-term recurrence with the scaling of Zhou and Saad, Algorithm 3.1)."""
+            half_width: float, anchor: float, buffers: list[np.ndarray],
+            locked: np.ndarray) -> np.ndarray:
+    """p_m(P B P)·block, p_m the Chebyshev polynomial on [center ± half_width] scaled to 1 at
+    ``anchor`` (three-term recurrence with the scaling of Zhou and Saad, Algorithm 3.1), P the
+    projector onto the complement of the ``locked`` vectors (``block`` is orthogonal to them)."""
     sigma_first = half_width / (anchor - center)
     sigma = sigma_first
     previous, current = block, operator.shifted_step(block, None, center, sigma / half_width,
                                                      0.0, buffers[0])
+    _deflate(current, locked)
     spare = buffers[1]
     for _ in range(1, degree):
         sigma_next = 1.0 / (2.0 / sigma_first - sigma)
         operator.shifted_step(current, previous, center, 2.0 * sigma_next / half_width,
                               sigma * sigma_next, spare)
+        _deflate(spare, locked)
         recycled = previous if previous is not block else buffers[2]
         previous, current, spare = current, spare, recycled
         sigma = sigma_next
@@ -169,8 +184,10 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
 
     Returns (vectors, excess): excess = Σ_{i≤r}(λ_i − θ_i) / Σ_{h>r} λ_h, the error of the
     basis beyond the optimal rank-r error, as a fraction of it (at most ``tolerance`` unless
-    :data:`MAX_ROUNDS` rounds were not enough). The random start is seeded, so the result is
-    reproducible.
+    :data:`MAX_ROUNDS` rounds were not enough). Where the optimal error is at the rounding
+    level (a matrix of rank below r), the target is that level, :data:`ROUNDING_FLOOR`·ε·tr(B),
+    and the excess is measured against it divided by ``tolerance``. The random start is
+    seeded, so the result is reproducible.
     """
     dtype = band.dtype
     n = band.shape[1]
@@ -182,15 +199,28 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
     k = block_size(n, rank)
     optimal = float(np.sum(np.clip(lam[rank:], 0.0, None)))
     total = float(np.sum(np.clip(lam, 0.0, None)))
-    allowed = tolerance * max(optimal, 1e-5 * total)
+    if not total > 0.0:  # the zero matrix: any orthonormal basis is optimal
+        return np.eye(n, rank, dtype=dtype), 0.0
+    # Sums of Ritz values carry rounding errors of about ε·tr(B): for a (nearly) rank-deficient
+    # matrix, whose optimal error is at that level, ask for no better than that.
+    floor = ROUNDING_FLOOR * float(np.finfo(dtype).eps) * total
+    allowed = max(tolerance * optimal, floor)
+    scale = max(optimal, floor / tolerance) if tolerance > 0 else max(optimal, floor)
     leading = float(np.sum(lam[:rank]))
 
     low = float(lam[-1])
     cut = float(lam[k]) if k < n else low
     span = max(float(lam[0]) - low, float(np.finfo(dtype).tiny))
-    half_width = max((cut - low) / 2.0, 1e-6 * span)
+    # The damped interval [low, cut]; when it is a point (equal unwanted eigenvalues), a
+    # sliver of the gap up to λ_r, or of the whole spectrum when there is no gap either.
+    gap = float(lam[rank - 1]) - low
+    half_width = (cut - low) / 2.0
+    if not half_width > 0.0:
+        half_width = 1e-3 * gap if gap > 0.0 else 1e-6 * span
     center = low + half_width
     anchor = max(float(lam[rank - 1]), center + 1e-3 * half_width)
+
+    dynamic_range = MAX_SPREAD[np.dtype(dtype)]
 
     def scaled(value: float) -> float:
         return (value - center) / half_width
@@ -202,18 +232,15 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
     excess = math.inf
     for round_index in range(MAX_ROUNDS):
         count = locked.shape[1]
-        # Without locked vectors every wanted eigenvalue is in the block, so the spread bound
-        # already covers the largest one.
-        degree = _degree(scaled(float(lam[count])), scaled(anchor),
-                         scaled(float(lam[count if count == 0 else 0])))
+        # The spread bound covers the largest eigenvalue still active (locked ones are
+        # deflated).
+        degree = _degree(scaled(float(lam[count])), scaled(anchor), dynamic_range)
         buffers = [np.empty(block.shape, dtype=dtype) for _ in range(3)]
-        filtered = _filter(operator, block, degree, center, half_width, anchor, buffers)
-        if count:  # twice: the first pass leaves rounding errors of the amplified leak
-            for _ in range(2):
-                filtered -= locked @ (locked.T @ filtered)
+        filtered = _filter(operator, block, degree, center, half_width, anchor, buffers,
+                           locked)
+        _deflate(filtered, locked)  # again: the first pass leaves its own rounding errors
         basis = _orthonormal_basis(filtered)
-        if count:
-            basis -= locked @ (locked.T @ basis)
+        _deflate(basis, locked)
         product = operator.shifted_step(basis, None, 0.0, 1.0, 0.0, buffers[0])
         projected = basis.T @ product
         projected = (projected + projected.T) * 0.5
@@ -223,7 +250,7 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         ritz, rotation = ritz[::-1].astype(np.float64), np.ascontiguousarray(rotation[:, ::-1])
         wanted = rank - count
         excess_abs = leading - float(np.sum(locked_ritz)) - float(np.sum(ritz[:max(wanted, 0)]))
-        excess = excess_abs / max(optimal, 1e-5 * total)
+        excess = excess_abs / scale
         if excess_abs <= allowed or round_index == MAX_ROUNDS - 1 or wanted <= 0:
             break
         vectors = np.ascontiguousarray(basis @ rotation)
@@ -243,4 +270,4 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
     # returned on it, tr(UᵀBU) for the r vectors.
     captured = float(np.einsum("ij,ij->", vectors, operator.shifted_step(
         vectors, None, 0.0, 1.0, 0.0, np.empty_like(vectors)), dtype=np.float64))
-    return vectors, (leading - captured) / max(optimal, 1e-5 * total)
+    return vectors, (leading - captured) / scale
