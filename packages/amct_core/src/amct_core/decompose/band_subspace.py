@@ -255,7 +255,7 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
             break
         vectors = np.ascontiguousarray(basis @ rotation)
         # Lock the leading Ritz vectors whose summed excess is negligible.
-        deficits = np.cumsum(lam[count:count + ritz.shape[0]] - ritz)
+        deficits = np.cumsum(np.clip(lam[count:count + ritz.shape[0]] - ritz, 0.0, None))
         newly = int(np.searchsorted(deficits, LOCK_FRACTION * allowed, side="right"))
         newly = min(newly, wanted - 1, ritz.shape[0] - MIN_OVERSAMPLING)
         if newly > 0:

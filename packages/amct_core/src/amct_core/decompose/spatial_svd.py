@@ -244,8 +244,11 @@ def _two_stage_spectrum_and_top_vectors(
     """As :func:`_gram_spectrum_and_top_vectors`, through the two-stage reduction: every
     eigenvalue of G exactly (to the working precision), the top r vectors to within
     :data:`SUBSPACE_TOLERANCE` of the optimal factor error."""
-    band, tau = two_stage.reduce_to_band(gram, BAND_WIDTH)
-    eigenvalues = two_stage.band_eigenvalues(band)
+    try:
+        band, tau = two_stage.reduce_to_band(gram, BAND_WIDTH)
+        eigenvalues = two_stage.band_eigenvalues(band)
+    except np.linalg.LinAlgError as error:
+        raise DecompositionError(f"two-stage reduction failed ({error})") from error
     singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
     rank = choose_rank(singular)
     if rank <= 0:
