@@ -33,8 +33,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, eigh, qr
 from scipy.linalg.blas import get_blas_funcs
 
-#: Highest Chebyshev degree per round, and the largest spread of the filter over the wanted
-#: eigenvalues (see the module docstring).
+#: Highest Chebyshev degree per round.
 MAX_DEGREE = 16
 #: Largest spread T_m(λ_top)/T_m(λ_r) of the filter over the active eigenvalues, per working
 #: precision: in float32 a direction amplified 10⁴ times less than another keeps 3 digits; in
@@ -69,7 +68,6 @@ class _BandOperator:
 
     def __init__(self, band: np.ndarray, dtype: np.dtype):
         kd, n = band.shape[0] - 1, band.shape[1]
-        self.n = n
         self.slabs = []
         for r0 in range(0, n, SLAB_ROWS):
             r1 = min(n, r0 + SLAB_ROWS)
@@ -160,7 +158,7 @@ def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
     """An orthonormal basis of the columns of ``block`` (n × k), in its dtype.
 
     Cholesky QR in float64: R = chol(XᵀX), Q = X R⁻¹, whose loss of orthogonality is about
-    ε₆₄·κ(X)², 10⁻⁵ at most for the κ ≈ 10⁵ the filter's dynamic range allows, then rounded to
+    ε₆₄·κ(X)², about 10⁻⁴ for the κ ≈ :data:`MAX_GROWTH` the filter allows, then rounded to
     the working precision. Two matrix products instead of a Householder QR, which is half
     matrix-vector work. Falls back to Householder QR if the Cholesky factorisation fails.
     """
@@ -229,7 +227,6 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
     block = np.random.default_rng(seed).standard_normal((n, k), dtype=dtype)
     locked = np.zeros((n, 0), dtype=dtype)
     locked_ritz = np.zeros(0)
-    excess = math.inf
     for round_index in range(MAX_ROUNDS):
         count = locked.shape[1]
         # The spread bound covers the largest eigenvalue still active (locked ones are

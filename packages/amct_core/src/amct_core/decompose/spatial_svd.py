@@ -95,22 +95,15 @@ def factor_shapes(weight_shape: Sequence[int], mode: DecomposeMode,
     return (rank, cin, 1, kw), (cout, rank, kh, 1)
 
 
-def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
-    """Return the L×M unfolding of a (Cout, Cin, KH, KW) kernel for ``mode``."""
-    _check_mode(mode)
-    rows, cols, _, _ = _LAYOUT[mode]
-    shape = weight.shape
-    num_rows = shape[rows[0]] * shape[rows[1]]
-    return weight.transpose(rows + cols).reshape(num_rows, -1)
-
-
 #: Channels per tile of each channel axis when the kernel is unfolded (tiles of about 64 × 64
 #: channels × the kernel window stay in cache; a plain transposed copy is five times slower).
 UNFOLD_TILE = 64
 
 
-def _unfolded(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
-    """The L×M unfolding Y of ``weight`` as a C-ordered array (one copy of the kernel)."""
+def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
+    """Return the L×M unfolding of a (Cout, Cin, KH, KW) kernel for ``mode``, as a C-ordered
+    copy."""
+    _check_mode(mode)
     rows, cols, _, _ = _LAYOUT[mode]
     permuted = weight.transpose(rows + cols)
     out = np.empty(permuted.shape, dtype=weight.dtype)
@@ -295,7 +288,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
         compute_dtype = np.float64 if kernel.size <= FLOAT64_MAX_ELEMENTS else np.float32
     # Peak memory: the kernel, its unfolding Y and G; Y is dropped while the spectrum is
     # computed and unfolded again for the core U_rᵀ Y.
-    unfolded = _unfolded(kernel.astype(compute_dtype, copy=False), mode)
+    unfolded = unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
     if load is not None:
         del kernel
     gram = _gram(unfolded)
@@ -324,7 +317,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
         if kernel.shape != shape:
             raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on its "
                                      f"second call, {shape} on its first")
-    core = u_r.T @ _unfolded(kernel.astype(compute_dtype, copy=False), mode)
+    core = u_r.T @ unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
     del kernel
     first, last = _fold(u_r, core, shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 
 import numpy as np
-from scipy.linalg import solve_triangular
+from scipy.linalg import eigvalsh_tridiagonal, solve_triangular
 from scipy.linalg.blas import get_blas_funcs
 
 _INT = ctypes.c_int
@@ -123,8 +123,6 @@ def band_eigenvalues(band: np.ndarray) -> np.ndarray:
     Bulge chasing (``?sytrd_sb2st``) to a tridiagonal matrix, then ``?sterf``. ``band`` is not
     modified.
     """
-    from scipy.linalg import eigvalsh_tridiagonal
-
     prefix = _prefix(band.dtype)
     sb2st = _ROUTINES[prefix][1]
     kd, n = band.shape[0] - 1, band.shape[1]
