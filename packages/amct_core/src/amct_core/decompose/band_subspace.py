@@ -261,10 +261,12 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         block = np.ascontiguousarray(vectors[:, max(newly, 0):])
     active = np.ascontiguousarray(basis @ rotation[:, :max(rank - locked.shape[1], 0)])
     vectors = np.ascontiguousarray(np.concatenate([locked, active], axis=1)[:, :rank])
-    if not locked.shape[1]:
-        return vectors, excess  # one orthonormal basis: the Ritz values are tr(UᵀBU) exactly
-    # Locked and active vectors come from different rounds: measure the excess of the basis
-    # returned on it, tr(UᵀBU) for the r vectors.
-    captured = float(np.einsum("ij,ij->", vectors, operator.shifted_step(
-        vectors, None, 0.0, 1.0, 0.0, np.empty_like(vectors)), dtype=np.float64))
-    return vectors, (leading - captured) / scale
+    if locked.shape[1]:
+        # Locked and active vectors come from different rounds: measure the excess of the
+        # basis returned on it, tr(UᵀBU) for the r vectors.
+        captured = float(np.einsum("ij,ij->", vectors, operator.shifted_step(
+            vectors, None, 0.0, 1.0, 0.0, np.empty_like(vectors)), dtype=np.float64))
+        excess = (leading - captured) / scale
+    # The Ritz values are tr(UᵀBU) exactly for one orthonormal basis. tr(UᵀBU) ≤ Σ_{i≤r} λ_i
+    # for any orthonormal U (Ky Fan), so a negative excess is rounding in the sums: 0.
+    return vectors, max(excess, 0.0)
