@@ -150,6 +150,10 @@ def test_tridiagonal_fallback_and_double_failure(monkeypatch):
     real_mrrr = mrrr.top_eigenvectors
     calls = []
 
+    def stein_fails(*args):
+        calls.append("stein")
+        raise np.linalg.LinAlgError("3 eigenvectors did not converge (?stein)")
+
     def flaky(*args, lapack_driver, **kwargs):
         calls.append(lapack_driver)
         if lapack_driver == "stebz":
@@ -160,11 +164,12 @@ def test_tridiagonal_fallback_and_double_failure(monkeypatch):
         calls.append("mrrr")
         return real_mrrr(*args, **kwargs)
 
+    monkeypatch.setattr(spatial_svd_module, "_inverse_iteration", stein_fails)
     monkeypatch.setattr(spatial_svd_module, "eigh_tridiagonal", flaky)
     monkeypatch.setattr(mrrr, "top_eigenvectors", counted)
     weight = kernel((64, 64, 3, 3), seed=12)
     factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=32)
-    assert calls == ["stebz", "mrrr"]
+    assert calls == ["stein", "stebz", "mrrr"]
     np.testing.assert_allclose(np.sum((compose(factors.first, factors.last) - weight) ** 2),
                                factors.residual_energy, rtol=1e-9)
 
@@ -175,6 +180,57 @@ def test_tridiagonal_fallback_and_double_failure(monkeypatch):
     monkeypatch.setattr(mrrr, "top_eigenvectors", broken)
     with pytest.raises(DecompositionError, match="no convergence of the tridiagonal"):
         factorize_kernel(weight, DecomposeMode.SCFK, rank=32)
+
+
+def _dense_tridiagonal(diag, offdiag):
+    return np.diag(diag) + np.diag(offdiag, 1) + np.diag(offdiag, -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inverse_iteration_from_known_eigenvalues(monkeypatch, dtype):
+    rng = np.random.default_rng(21)
+    n, rank = 200, 30
+    diag, offdiag = rng.standard_normal(n).astype(dtype), rng.standard_normal(n - 1).astype(dtype)
+    dense = _dense_tridiagonal(diag.astype(np.float64), offdiag.astype(np.float64))
+    values = np.linalg.eigvalsh(dense)[n - rank:]
+    monkeypatch.setattr(spatial_svd_module, "_bisection", None)  # must not be reached
+    vectors = spatial_svd_module._tridiagonal_top_vectors(diag, offdiag, values.astype(dtype))
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    assert vectors.shape == (n, rank) and vectors.dtype == dtype
+    np.testing.assert_allclose(dense @ vectors, vectors * values, atol=tol * np.abs(values).max())
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(rank), atol=tol)
+
+
+def test_split_tridiagonal_goes_to_bisection(monkeypatch):
+    rng = np.random.default_rng(22)
+    n, rank = 120, 50
+    diag, offdiag = rng.standard_normal(n), rng.standard_normal(n - 1)
+    offdiag[[30, 80]] = 0.0  # three blocks: ?stein from global eigenvalues cannot serve them
+    assert spatial_svd_module._splits(diag, offdiag)
+    assert not spatial_svd_module._splits(diag, rng.uniform(0.5, 1.0, n - 1))
+    dense = _dense_tridiagonal(diag, offdiag)
+    values = np.linalg.eigvalsh(dense)[n - rank:]
+    calls = []
+    real_bisection = spatial_svd_module._bisection
+
+    def counted(*args):
+        calls.append("stebz")
+        return real_bisection(*args)
+
+    monkeypatch.setattr(spatial_svd_module, "_bisection", counted)
+    vectors = spatial_svd_module._tridiagonal_top_vectors(diag, offdiag, values)
+    assert calls == ["stebz"]
+    np.testing.assert_allclose(dense @ vectors, vectors * values, atol=1e-10)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(rank), atol=1e-10)
+
+
+def test_kernel_with_dead_channels_keeps_the_optimum():
+    weight = kernel((96, 64, 3, 3), seed=13)
+    weight[:, 10:30] = 0.0  # input channels without weights: G has zero rows, T splits
+    factors = factorize_kernel(weight, DecomposeMode.SCFK, rank=40)
+    error = np.sum((compose(factors.first, factors.last) - weight) ** 2)
+    singular = np.linalg.svd(unfold_weight(weight, DecomposeMode.SCFK), compute_uv=False)
+    assert error == pytest.approx(np.sum(singular[40:] ** 2), rel=1e-9)
 
 
 @pytest.mark.parametrize("n, rank", [(1, 1), (2, 1), (50, 7), (300, 300)])

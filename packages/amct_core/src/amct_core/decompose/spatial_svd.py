@@ -21,7 +21,8 @@ s_h² of G (the EVBMF rank rule needs the spectrum) and only the top r eigenvect
 
 * below :data:`TWO_STAGE_MIN_ROWS` rows, one reduction of G to tridiagonal form (LAPACK
   ``sytrd``), all eigenvalues from it (``sterf``), the top r eigenvectors of the tridiagonal
-  matrix (bisection and inverse iteration, or MRRR) mapped back through the reflectors: exact;
+  matrix (inverse iteration from those eigenvalues; bisection or MRRR where the matrix splits
+  or that fails) mapped back through the reflectors: exact;
 * from there on, the two-stage reduction (:mod:`.two_stage`: dense → band → tridiagonal, all
   matrix-matrix work) for the eigenvalues, and the top r eigenvectors of the band matrix by
   Chebyshev-filtered subspace iteration (:mod:`.band_subspace`), which stops once the factor
@@ -173,19 +174,56 @@ def _bisection(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
                             lapack_driver="stebz")[1]
 
 
-def _tridiagonal_top_vectors(diag: np.ndarray, offdiag: np.ndarray, rank: int) -> np.ndarray:
-    """Eigenvectors of the top ``rank`` eigenvalues of a symmetric tridiagonal matrix,
-    ascending. Either method falls back to the other if LAPACK reports no convergence."""
-    methods = (_bisection, _mrrr) if diag.shape[0] <= BISECTION_MAX_ROWS else (_mrrr, _bisection)
-    try:
-        return methods[0](diag, offdiag, rank)
-    except np.linalg.LinAlgError:
-        pass
-    try:
-        return methods[1](diag, offdiag, rank)
-    except np.linalg.LinAlgError as error:
-        raise DecompositionError(f"no convergence of the tridiagonal eigenvectors "
-                                 f"({error})") from error
+def _splits(diag: np.ndarray, offdiag: np.ndarray) -> bool:
+    """Whether the tridiagonal matrix splits into blocks, by the test of LAPACK ``?stebz``:
+    ``e_j² < |d_j·d_{j+1}|·ulp² + safe_min``."""
+    info = np.finfo(diag.dtype)
+    products = np.abs(diag[1:].astype(np.float64) * diag[:-1]) * float(info.eps) ** 2
+    return bool(np.any(offdiag.astype(np.float64) ** 2
+                       < products + float(info.smallest_normal)))
+
+
+def _inverse_iteration(diag: np.ndarray, offdiag: np.ndarray,
+                       eigenvalues: np.ndarray) -> np.ndarray:
+    """Inverse iteration (``?stein``): the eigenvectors of the known ``eigenvalues`` (ascending).
+
+    Bisection (``?stebz``) would recompute eigenvalues the solver already has from ``?sterf``
+    (half the time of :func:`_bisection` for the kernels of the seeds). ``?stein`` takes one
+    block here, so a matrix that splits (where bisection would find the blocks) raises
+    ``LinAlgError`` and the caller falls back to bisection.
+    """
+    rows = diag.shape[0]
+    if _splits(diag, offdiag):
+        raise np.linalg.LinAlgError("the tridiagonal matrix splits into blocks")
+    stein, = get_lapack_funcs(("stein",), (diag,))
+    block = np.ones(rows, dtype=np.int32)
+    split = np.zeros(rows, dtype=np.int32)
+    split[0] = rows
+    vectors, info = stein(diag, offdiag, np.ascontiguousarray(eigenvalues, dtype=diag.dtype),
+                          block, split)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"{info} eigenvectors did not converge (?stein)")
+    return vectors
+
+
+def _tridiagonal_top_vectors(diag: np.ndarray, offdiag: np.ndarray,
+                             eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvectors of the top eigenvalues ``eigenvalues`` (ascending, already known) of a
+    symmetric tridiagonal matrix, ascending: inverse iteration from them, then bisection and
+    MRRR (MRRR first above :data:`BISECTION_MAX_ROWS` rows), each method falling back to the
+    next if LAPACK reports no convergence."""
+    rank = eigenvalues.shape[0]
+    if diag.shape[0] <= BISECTION_MAX_ROWS:
+        methods = [lambda d, e, r: _inverse_iteration(d, e, eigenvalues), _bisection, _mrrr]
+    else:
+        methods = [_mrrr, _bisection]
+    for method in methods:
+        try:
+            return method(diag, offdiag, rank)
+        except np.linalg.LinAlgError as error:
+            failure = error
+    raise DecompositionError(f"no convergence of the tridiagonal eigenvectors "
+                             f"({failure})") from failure
 
 
 def _gram_spectrum_and_top_vectors(
@@ -213,7 +251,7 @@ def _gram_spectrum_and_top_vectors(
     rank = choose_rank(singular)
     if rank <= 0:
         return singular, np.zeros((num_rows, 0), dtype=gram.dtype)
-    small = _tridiagonal_top_vectors(diag, offdiag, rank)
+    small = _tridiagonal_top_vectors(diag, offdiag, eigenvalues[num_rows - rank:])
     small = small[:, ::-1].astype(gram.dtype)
     # sytrd leaves Q as the reflectors of a band of half-width 1: reflector i has its unit
     # entry in row i + 1 and the rest below it in column i.
