@@ -3,6 +3,7 @@ clips are averaged over the ranks (reference §3.4), so after initialisation and
 different data every rank holds the same clips and the same quant_factors()."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -18,6 +19,14 @@ from amct_core.quant.ulq import ifmr_initial_clips
 pytestmark = pytest.mark.slow
 
 
+def _destroy_process_group() -> None:
+    """Destroy the process group after the caller dropped its DDP wrapper: the wrapper's
+    reducer holds the group, and left to interpreter shutdown gloo's teardown can abort the
+    process ("terminate called without an active exception")."""
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -31,6 +40,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = None
     try:
         torch.manual_seed(0)  # same initial weights; DDP broadcasts them anyway
         net = nn.Sequential(
@@ -64,8 +74,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                  scale_w0=factors[0].scale_w, scale_w1=factors[1].scale_w,
                  local_init=np.array(ifmr_initial_clips(first_batches, 8)),
                  after_init=np.array(after_init))
+        dist.barrier()  # no rank leaves while another still runs
     finally:
-        dist.destroy_process_group()
+        model = None
+        _destroy_process_group()
 
 
 def test_ddp_ranks_hold_the_same_clips_and_factors(tmp_path):
@@ -90,6 +102,7 @@ def _graph_worker(rank: int, world: int, port: int, out_dir: str, images: np.nda
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = None
     try:
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -112,8 +125,10 @@ def _graph_worker(rank: int, world: int, port: int, out_dir: str, images: np.nda
         model.eval()
         with torch.no_grad():
             model(x[:16])  # the first eval-mode forward writes the record
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        model = None
+        _destroy_process_group()
 
 
 def test_ddp_graph_based_qat_writes_the_same_record_on_every_rank(tmp_path, mnist):

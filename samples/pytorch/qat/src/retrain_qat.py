@@ -43,6 +43,7 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -171,7 +172,11 @@ class Processes:
         return float(total.item()) / self.world_size
 
     def close(self) -> None:
+        """Destroy the process group. The DDP wrapper of :func:`run` (its reducer holds the
+        group) is collected first: left to interpreter shutdown, gloo's teardown can abort the
+        process ("terminate called without an active exception")."""
         if self.distributed:
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -219,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     procs = Processes(args)
     try:
-        return run(args, procs)
+        status = run(args, procs)
+        procs.barrier()  # no rank leaves while another still runs
+        return status
     finally:
         procs.close()
 

@@ -14,11 +14,12 @@ decomposition information file and the decomposed weights; after a barrier the o
 rebuild the structure with ``decompose_network`` and load those weights. Offline mode: every
 rank runs ``decompose_network`` and loads the decomposed weights. The model is then wrapped
 in DistributedDataParallel and fine-tuned; rank 0 tests and saves it, and every rank prints a
-checksum of its final weights (rank 0 checks that they are all equal).
+checksum of its final weights (the lines agree: DDP keeps the replicas identical).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device("cpu")
     rank, world_size = init_distributed(args, device)
+    ddp_model = None
     try:
         torch.manual_seed(args.seed)
         train_set, test_set, _ = load_data(args.data_path, announce=rank == 0)
@@ -193,10 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         # the lines agree. They are not compared here with a collective such as
         # all_gather_object: its tensors are released by a gloo worker thread after the call
         # returns, and if that happens while the interpreter is shutting down the process
-        # aborts ("terminate called without an active exception"). The last collectives are
-        # then DDP's own gradient all-reduces, whose buffers hold no Python objects.
+        # aborts ("terminate called without an active exception").
         log(f"[Rank {rank}] Final weights checksum: {weights_checksum(model)}")
+        # No rank leaves while another still runs (rank 0 tests and saves meanwhile).
+        dist.barrier()
     finally:
+        # The DDP wrapper's reducer holds the process group: destroy_process_group alone
+        # would leave the group and its gloo threads alive until interpreter shutdown, where
+        # tearing them down can abort the process. Drop the wrapper first, while Python runs.
+        del ddp_model
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
