@@ -22,10 +22,12 @@ from amct_pytorch.nn.module.quantization.conv2d import Conv2dQAT
 from amct_pytorch.nn.module.quantization.conv3d import Conv3dQAT
 from amct_pytorch.nn.module.quantization.conv_transpose_2d import ConvTranspose2dQAT
 from amct_pytorch.nn.module.quantization.linear import LinearQAT
+from amct_pytorch.qat import functional
 from amct_pytorch.qat.functional import (
     ArqRetrainFunction,
     UlqActivationFunction,
     UlqWeightFunction,
+    arq_retrain_scale,
     ulq_host_factors,
 )
 
@@ -37,12 +39,25 @@ def _clips(clip_max, clip_min, fixed_min=False):
             nn.Parameter(torch.tensor([clip_min]), requires_grad=not fixed_min))
 
 
+@pytest.fixture(params=["fused", "composite"])
+def kernels(request, monkeypatch):
+    """Runs a test on both paths of the QAT Functions: the fused C kernels of
+    ``amct_pytorch.qat._fused_quant`` and the composite torch operations."""
+    if request.param == "fused":
+        if functional._FUSED is None:
+            pytest.skip("amct_pytorch.qat._fused_quant is not built (no C compiler at install)")
+    else:
+        monkeypatch.setattr(functional, "_FUSED", None)
+    return request.param
+
+
 # --- autograd Functions against the core ------------------------------------------------------
 
 @pytest.mark.parametrize(("clip_max", "clip_min", "bits", "fixed_min"),
                          [(2.5, -1.2, 8, False), (1.0, 0.0, 8, True), (3.0, -3.0, 4, False),
                           (0.7, -2.0, 16, False), (1.5, 0.4, 8, False)])
-def test_ulq_function_equals_core_forward_and_backward(clip_max, clip_min, bits, fixed_min):
+def test_ulq_function_equals_core_forward_and_backward(clip_max, clip_min, bits, fixed_min,
+                                                       kernels):
     rng = np.random.default_rng(0)
     x_np = (rng.standard_normal((4, 3, 20, 20)) * 2).astype(np.float32)
     g_np = rng.standard_normal(x_np.shape).astype(np.float32)
@@ -62,7 +77,7 @@ def test_ulq_function_equals_core_forward_and_backward(clip_max, clip_min, bits,
         assert float(cmin.grad) == pytest.approx(ref.grad_clip_min, abs=1e-6 * scale_g)
 
 
-def test_ulq_backward_scratch_buffers_serve_layers_of_any_size():
+def test_ulq_backward_scratch_buffers_serve_layers_of_any_size(kernels):
     # The backward's temporaries are shared buffers (functional._scratch): a large layer, a
     # small one and a large one again, the gradients of each stay those of the core.
     rng = np.random.default_rng(1)
@@ -83,7 +98,7 @@ def test_ulq_backward_scratch_buffers_serve_layers_of_any_size():
                          [((8, 3, 3, 3), 0, True, 8), ((8, 3, 3, 3), 0, False, 8),
                           ((4, 6, 2, 2), 1, True, 8), ((10, 20), 0, False, 4),
                           ((5, 2, 2, 3, 3), 0, True, 16)])
-def test_arq_retrain_function_equals_core(shape, axis, channel_wise, bits):
+def test_arq_retrain_function_equals_core(shape, axis, channel_wise, bits, kernels):
     rng = np.random.default_rng(1)
     w_np = rng.standard_normal(shape).astype(np.float32)
     w = torch.from_numpy(w_np).requires_grad_()
@@ -93,6 +108,113 @@ def test_arq_retrain_function_equals_core(shape, axis, channel_wise, bits):
     g = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     out.backward(g)
     np.testing.assert_array_equal(w.grad.numpy(), core_wts.arq_retrain_backward(g.numpy()))
+
+
+def _ulq_both_paths(x_np, g_np, clip_max, clip_min, bits, fixed_min, monkeypatch):
+    """Forward output, grad_x and clip grads of UlqActivationFunction on the fused and the
+    composite path."""
+    results = []
+    for fused in (functional._FUSED, None):
+        monkeypatch.setattr(functional, "_FUSED", fused)
+        x = torch.from_numpy(x_np.copy()).requires_grad_()
+        cmax, cmin = _clips(clip_max, clip_min, fixed_min)
+        out = UlqActivationFunction.apply(x, cmax, cmin, bits, fixed_min)
+        out.backward(torch.from_numpy(g_np))
+        results.append((out.detach().numpy(), x.grad.numpy(), float(cmax.grad),
+                        None if cmin.grad is None else float(cmin.grad)))
+    return results
+
+
+@pytest.mark.skipif(functional._FUSED is None,
+                    reason="amct_pytorch.qat._fused_quant is not built (no C compiler)")
+def test_fused_ulq_kernels_equal_the_composite_path_at_the_edges(monkeypatch):
+    # Ties (x·(1/s) at half-integers, rounded to even), both clamp bounds and the values just
+    # beyond them, values far outside the range (where rounding is done after clamping in the
+    # kernel) and infinities: the same output and grad_x bit for bit, sums within rounding.
+    bits, clip_max, clip_min = 8, 2.0, -1.0
+    scale, offset = ulq_host_factors(torch.tensor([clip_max]), torch.tensor([clip_min]), bits,
+                                     False)
+    inverse = np.float32(1.0) / np.float32(scale)
+    k_lo, k_hi = -128 - offset, 127 - offset
+    ticks = np.arange(k_lo - 3, k_hi + 3.5, 0.5, dtype=np.float32)  # every half-integer
+    edges = np.concatenate([ticks, ticks + np.float32(1e-3), ticks - np.float32(1e-3)])
+    x_np = np.concatenate([(edges / inverse).astype(np.float32),
+                           np.float32([1e30, -1e30, 3e38, -3e38, np.inf, -np.inf, 0.0, -0.0])])
+    rng = np.random.default_rng(11)
+    x_np = np.concatenate([x_np, (rng.standard_normal(5000) * 3).astype(np.float32)])
+    g_np = rng.standard_normal(x_np.shape).astype(np.float32)
+    fused, composite = _ulq_both_paths(x_np, g_np, clip_max, clip_min, bits, False,
+                                       monkeypatch)
+    np.testing.assert_array_equal(fused[0], composite[0])
+    np.testing.assert_array_equal(fused[1], composite[1])
+    with np.errstate(over="ignore", invalid="ignore"):  # the core's t - round(t) at ±inf
+        ref = core_ulq.ulq_backward(x_np, g_np, clip_max, clip_min, bits, False)
+    np.testing.assert_array_equal(fused[1], ref.grad_x)
+    scale_g = float(np.abs(g_np).sum())
+    for path in (fused, composite):  # infinite activations are clipped, not NaN gradients
+        assert path[2] == pytest.approx(ref.grad_clip_max, abs=1e-6 * scale_g)
+        assert path[3] == pytest.approx(ref.grad_clip_min, abs=1e-6 * scale_g)
+
+
+@pytest.mark.skipif(functional._FUSED is None,
+                    reason="amct_pytorch.qat._fused_quant is not built (no C compiler)")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_ulq_kernels_on_large_tensors_split_over_threads(threads, monkeypatch):
+    # 2.5 M elements: the kernels split them over threads (and leave a tail that is not a
+    # whole block); the result does not depend on the split.
+    rng = np.random.default_rng(12)
+    x_np = (rng.standard_normal((5, 8, 250, 250)) * 1.5).astype(np.float32)
+    g_np = rng.standard_normal(x_np.shape).astype(np.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused, composite = _ulq_both_paths(x_np[:, :, :, :-1].copy(), g_np[:, :, :, :-1].copy(),
+                                           1.7, -2.2, 8, False, monkeypatch)
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(fused[0], composite[0])
+    np.testing.assert_array_equal(fused[1], composite[1])
+    scale_g = float(np.abs(g_np).sum())
+    assert fused[2] == pytest.approx(composite[2], abs=1e-6 * scale_g)
+    assert fused[3] == pytest.approx(composite[3], abs=1e-6 * scale_g)
+
+
+@pytest.mark.skipif(functional._FUSED is None,
+                    reason="amct_pytorch.qat._fused_quant is not built (no C compiler)")
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_fused_arq_kernel_equals_the_composite_path(bits, monkeypatch):
+    # Channels where the negative side dominates, all-zero channels (scale 1), tiny and large
+    # magnitudes, per channel along axis 0 and 1 and per tensor.
+    rng = np.random.default_rng(13)
+    w_np = rng.standard_normal((6, 5, 3, 3)).astype(np.float32)
+    w_np[1] = -np.abs(w_np[1]) * 4
+    w_np[2] = 0.0
+    w_np[3] *= 1e-8
+    w_np[4] *= 1e6
+    w_np[:, 2] = np.abs(w_np[:, 2])
+    for axis, channel_wise in ((0, True), (1, True), (0, False)):
+        outputs = []
+        for fused in (functional._FUSED, None):
+            monkeypatch.setattr(functional, "_FUSED", fused)
+            outputs.append(ArqRetrainFunction.apply(torch.from_numpy(w_np), bits, channel_wise,
+                                                    axis).numpy())
+        np.testing.assert_array_equal(outputs[0], outputs[1], err_msg=f"axis {axis}")
+        np.testing.assert_array_equal(
+            outputs[0], core_wts.arq_retrain_forward(w_np, bits, channel_wise, axis))
+        scale = arq_retrain_scale(torch.from_numpy(w_np), bits, channel_wise, axis).numpy()
+        assert np.all(scale > 0)
+
+
+def test_non_contiguous_input_takes_the_composite_path(kernels):
+    # A transposed (non-contiguous) activation gives the same values as its contiguous copy.
+    rng = np.random.default_rng(14)
+    x_np = (rng.standard_normal((3, 4, 6, 5)) * 2).astype(np.float32)
+    x = torch.from_numpy(x_np).transpose(2, 3).requires_grad_()
+    cmax, cmin = _clips(2.0, -1.0)
+    out = UlqActivationFunction.apply(x, cmax, cmin, 8, False)
+    expected = core_ulq.ulq_forward(np.ascontiguousarray(x_np.transpose(0, 1, 3, 2)), 2.0,
+                                    -1.0, 8, False)
+    np.testing.assert_array_equal(out.detach().numpy(), expected)
 
 
 @pytest.mark.parametrize(("shape", "axis", "clip"),

@@ -8,10 +8,13 @@ Each Function computes exactly the forward and backward of its amct_core definit
 * :class:`UlqWeightFunction` — :func:`amct_core.quant.arq_retrain.ulq_weight_forward`
   (learnable symmetric weight clip).
 
-They run on every training step, so the forward is four element-wise passes
-(``round(x·(1/s))``, clamped to ``[qmin - o, qmax - o]``, times ``s``; the same integers as
-``clip(round(x·(1/s)) + o, qmin, qmax) - o`` because ``o`` is an integer) and the backward
-recomputes ``round(x·(1/s))`` from the saved input instead of keeping masks. ``1/s`` is the
+They run on every training step. The ULQ forward is ``round(x·(1/s))`` clamped to
+``[qmin - o, qmax - o]``, times ``s`` (the same integers as ``clip(round(x·(1/s)) + o, qmin,
+qmax) - o`` because ``o`` is an integer), and the backward recomputes ``round(x·(1/s))`` from
+the saved input instead of keeping masks. On CPU float32 tensors the ULQ forward and backward
+and the ARQ-retrain forward run as one pass each in the C extension
+``amct_pytorch.qat._fused_quant`` (built by the install where a C compiler is found); elsewhere,
+or without it, as separate torch operations, with the same results. ``1/s`` is the
 float32 reciprocal, as in :func:`amct_core.quant.scale_offset.quantize` and the AMCT
 fake-quant graph; ONNX ``QuantizeLinear`` divides by ``s``, which differs only where ``x/s``
 lies within a float32 rounding of a half-integer.
@@ -35,6 +38,21 @@ import torch
 from amct_core.errors import QuantizationError
 from amct_core.quant.scale_offset import FLT_EPSILON, int_range
 from amct_core.quant.ulq import ulq_scale_offset
+
+try:  # the optional C extension (see setup.py); without it the composite torch path runs
+    from amct_pytorch.qat import _fused_quant as _FUSED
+except ImportError:  # pragma: no cover - depends on the install
+    _FUSED = None
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    """True when the fused kernels can take ``tensors``: the extension is built, and they are
+    contiguous float32 CPU tensors (not being traced for export, where the torch operations
+    must be recorded)."""
+    if _FUSED is None or torch.jit.is_tracing():
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+               for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -153,9 +171,11 @@ class UlqActivationFunction(torch.autograd.Function):
     ``qerr = (round(t) - t)/(2^b - 1)`` inside, ``t = x·float32(1/s)``.
 
     Implementation: with ``r = round(t)``, ``k_lo = qmin - o`` and ``k_hi = qmax - o`` the
-    forward is ``clamp(r, k_lo, k_hi)·s`` (four passes; the same integers as
-    ``clip(r + o, qmin, qmax) - o`` since ``o`` is an integer). The backward recomputes ``r``
-    from the saved input into two shared scratch buffers; torch's fused mask kernels give
+    forward is ``clamp(r, k_lo, k_hi)·s`` (the same integers as ``clip(r + o, qmin, qmax) -
+    o`` since ``o`` is an integer). The fused kernels do the forward, and the backward with
+    its three sums, in one pass each. Otherwise the forward is four torch passes and the
+    backward recomputes ``r`` from the saved input into two shared scratch buffers; torch's
+    fused mask kernels give
     ``grad_x = g·[k_lo - ½ < r < k_hi + ½]`` (``hardtanh_backward``; exact, ``r`` is an
     integer) and ``U = g·[r > k_hi + ½]`` (``threshold_backward``); ``Σ qerr·g`` is one dot
     product of ``grad_x`` with ``t - r`` and ``Σ lower·g = Σ g - Σ grad_x - Σ U``. Scalars
@@ -168,10 +188,15 @@ class UlqActivationFunction(torch.autograd.Function):
         scale, offset = ulq_host_factors(clip_max, clip_min, num_bits, fixed_min)
         k_lo, k_hi = float(qmin - offset), float(qmax - offset)
         inverse = float(np.float32(1.0) / np.float32(scale))
-        out = torch.mul(x, inverse)
-        out.round_()
-        out.clamp_(k_lo, k_hi)
-        out.mul_(scale)
+        if _fusable(x):
+            out = torch.empty_like(x)
+            _FUSED.ulq_forward(x.data_ptr(), out.data_ptr(), x.numel(), inverse, k_lo, k_hi,
+                               scale, torch.get_num_threads())
+        else:
+            out = torch.mul(x, inverse)
+            out.round_()
+            out.clamp_(k_lo, k_hi)
+            out.mul_(scale)
         ctx.save_for_backward(x)
         ctx.factors = (inverse, k_lo, k_hi, num_bits)
         ctx.fixed_min = fixed_min
@@ -183,8 +208,27 @@ class UlqActivationFunction(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         inverse, k_lo, k_hi, num_bits = ctx.factors
         g = grad_output.contiguous()
+        levels = float((1 << num_bits) - 1)
+        want_min = not ctx.fixed_min and ctx.needs_input_grad[2]
+        if _fusable(x, g) and x.shape == g.shape:
+            grad_x = torch.empty_like(x)
+            # Σ inside·g·(t - r) = -n·Σ qerr·g, Σ upper·g, Σ lower·g
+            neg_qerr, upper, lower = _FUSED.ulq_backward(
+                x.data_ptr(), g.data_ptr(), grad_x.data_ptr(), x.numel(), inverse, k_lo, k_hi,
+                torch.get_num_threads())
+            grad_max = torch.full(ctx.clip_shapes[0], upper - neg_qerr / levels,
+                                  dtype=torch.float32, device=x.device)
+            grad_min = None
+            if want_min:
+                grad_min = torch.full(ctx.clip_shapes[1], lower + neg_qerr / levels,
+                                      dtype=torch.float32, device=x.device)
+            return grad_x, grad_max, grad_min, None, None, None
         t, r = _scratch(x, 2)
         torch.mul(x, inverse, out=t)
+        # Clamped to [k_lo - 1, k_hi + 1] (integers), t keeps the side of the range its
+        # rounding falls on and t - round(t) inside it, and stays finite: an infinite
+        # activation is then an upper or lower element, not a NaN in the sums.
+        t.clamp_(k_lo - 1.0, k_hi + 1.0)
         torch.round(t, out=r)
         # g where k_lo - ½ < r < k_hi + ½, i.e. k_lo <= r <= k_hi (r is an integer): g·inside
         grad_x = _HARDTANH_BACKWARD(g, r, k_lo - 0.5, k_hi + 0.5)
@@ -192,10 +236,9 @@ class UlqActivationFunction(torch.autograd.Function):
         neg_qerr_sum = torch.dot(grad_x.view(-1), t.view(-1))  # -n·Σ qerr·g
         _THRESHOLD_BACKWARD_INTO(g, r, k_hi + 0.5, grad_input=r)  # r := g·upper
         upper = r.sum()
-        levels = float((1 << num_bits) - 1)
         grad_max = torch.add(upper, neg_qerr_sum, alpha=-1.0 / levels)
         grad_min = None
-        if not ctx.fixed_min and ctx.needs_input_grad[2]:
+        if want_min:
             # Σ lower·g = Σ g - Σ inside·g - Σ upper·g
             lower = g.sum() - grad_x.sum() - upper
             grad_min = torch.add(lower, neg_qerr_sum, alpha=1.0 / levels)
@@ -253,6 +296,16 @@ class ArqRetrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, num_bits, channel_wise, axis, export_factors=None):
+        if _fusable(weight) and weight.numel() and 0 <= axis < weight.dim():
+            # the weight as (outer, channels, inner) around the channel axis
+            shape = weight.shape
+            channels = shape[axis] if channel_wise else 1
+            outer = math.prod(shape[:axis]) if channel_wise else 1
+            out = torch.empty_like(weight)
+            scales = torch.empty(channels, dtype=torch.float32)
+            _FUSED.arq_forward(weight.data_ptr(), out.data_ptr(), scales.data_ptr(), outer,
+                               channels, weight.numel() // (outer * channels), num_bits)
+            return out
         scale = arq_retrain_scale(weight, num_bits, channel_wise, axis)
         return _fake_quantize_weight(weight, scale, num_bits, axis, channel_wise)
 
