@@ -52,7 +52,12 @@ from amct_onnx.convert_model import convert_qat_model  # noqa: E402
 from amct_pytorch.module_tree import replace_submodule  # noqa: E402
 from amct_pytorch.nn.module.quantization.conv2d import Conv2dQAT  # noqa: E402
 from amct_pytorch.nn.module.quantization.linear import LinearQAT  # noqa: E402
+from amct_pytorch.qat import functional as qat_functional  # noqa: E402
 
+#: Which path our QAT layers run: the fused C kernels, or separate torch operations where the
+#: optional extension was not built (no C compiler at install).
+QAT_KERNELS = ("fused C kernels (amct_pytorch.qat._fused_quant)" if qat_functional._FUSED
+               is not None else "composite torch operations (the C extension is not built)")
 GOAL_STEP_RATIO = 1.3   # our QAT step / FP32 step, at most
 GOAL_ACC_LOSS = 0.3     # points below FP32, at most
 LR = 0.01
@@ -180,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     example = train_batches[0][0][:2]
     report: dict = {"machine": {"cpu": ptq_bench.cpu_name(), "cores": os.cpu_count(),
                                 "torch_threads": args.threads},
+                    "qat_kernels": QAT_KERNELS,
                     "model": "MnistResNet (samples/pytorch/ptq)", "weights": weights,
                     "data": data.source, "test_digits": len(labels),
                     "steps": args.steps, "batch_size": args.batch_size,
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'embedded MNIST subset' if data.is_embedded_subset else 'MNIST'}; "
           f"{len(labels)} test digits; "
           f"{args.steps} fine-tuning steps of {args.batch_size}")
+    print(f"[Bench] our QAT layers run {QAT_KERNELS}")
     print(f"[Bench] FP32 accuracy before fine-tuning: {report['accuracy_before_pct']:.2f}%")
     header = (f"{'variant':<16}{'step ms':>9}{'x FP32':>8}{'accuracy':>10}{'vs FP32':>9}"
               f"  measured on")
