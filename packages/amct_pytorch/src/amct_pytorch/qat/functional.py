@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from amct_core.errors import QuantizationError
 from amct_core.quant.scale_offset import FLT_EPSILON, int_range
@@ -204,6 +205,7 @@ class UlqActivationFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # neither path records its operations for a second derivative
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
         inverse, k_lo, k_hi, num_bits = ctx.factors
