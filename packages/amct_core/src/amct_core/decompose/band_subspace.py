@@ -155,22 +155,24 @@ def _filter(operator: _BandOperator, block: np.ndarray, degree: int, center: flo
 
 
 def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the columns of ``block`` (n × k), in its dtype.
+    """An orthonormal basis of the columns of ``block`` (n × k, C order), in its dtype.
 
     Cholesky QR in float64: R = chol(XᵀX), Q = X R⁻¹, whose loss of orthogonality is about
     ε₆₄·κ(X)², about 10⁻⁴ for the κ ≈ :data:`MAX_GROWTH` the filter allows, then rounded to
     the working precision. Two matrix products instead of a Householder QR, which is half
-    matrix-vector work. Falls back to Householder QR if the Cholesky factorisation fails.
+    matrix-vector work. The C-ordered X is Xᵀ in Fortran order, so Q comes from the
+    triangular solve Rᵀ Qᵀ = Xᵀ in place, without a transposed copy. Falls back to
+    Householder QR if the Cholesky factorisation fails.
     """
-    wide = np.asfortranarray(block, dtype=np.float64)
+    wide = np.array(block, dtype=np.float64, order="C")
     try:
         factor = cholesky(wide.T @ wide, lower=False, check_finite=False)
     except LinAlgError:
-        return qr(np.asfortranarray(block), mode="economic", overwrite_a=True,
-                  check_finite=False)[0]
+        return np.ascontiguousarray(qr(np.asfortranarray(block), mode="economic",
+                                       overwrite_a=True, check_finite=False)[0])
     trsm = get_blas_funcs("trsm", (wide,))
-    basis = trsm(1.0, factor, wide, side=1, lower=0, overwrite_b=1)
-    return np.ascontiguousarray(basis, dtype=block.dtype)
+    basis_t = trsm(1.0, factor, wide.T, side=0, lower=0, trans_a=1, overwrite_b=1)
+    return np.ascontiguousarray(basis_t.T, dtype=block.dtype)
 
 
 def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
