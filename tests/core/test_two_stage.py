@@ -66,6 +66,21 @@ def test_band_reduction_keeps_the_spectrum_and_q1_maps_back(dtype, tol, bandwidt
     np.testing.assert_allclose(q1.T @ q1, np.eye(n), atol=50 * tol)
     np.testing.assert_allclose(q1 @ dense_band(band.astype(np.float64)) @ q1.T, g,
                                atol=50 * tol * expected[-1])
+    # In place: the same values in the caller's C-ordered block; a block it cannot use
+    # (Fortran order) is copied and left as it was.
+    block = np.random.default_rng(3).standard_normal((n, 5)).astype(dtype)
+    expected_block = two_stage.apply_band_reflectors(work, tau, bandwidth, block)
+    fortran = np.asfortranarray(block)
+    original = block.copy()
+    in_place = two_stage.apply_band_reflectors(work, tau, bandwidth, block,
+                                               overwrite_vectors=True)
+    assert in_place is block
+    np.testing.assert_array_equal(in_place, expected_block)
+    copied = two_stage.apply_band_reflectors(work, tau, bandwidth, fortran,
+                                             overwrite_vectors=True)
+    assert copied is not fortran
+    np.testing.assert_array_equal(copied, expected_block)
+    np.testing.assert_array_equal(fortran, original)
 
 
 def test_reduce_to_band_needs_fortran_order():

@@ -262,8 +262,10 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
             locked_ritz = np.concatenate([locked_ritz, ritz[:newly]])
         block = np.ascontiguousarray(vectors[:, max(newly, 0):])
     active = np.ascontiguousarray(basis @ rotation[:, :max(rank - locked.shape[1], 0)])
-    vectors = np.ascontiguousarray(np.concatenate([locked, active], axis=1)[:, :rank])
-    if locked.shape[1]:
+    if not locked.shape[1]:  # nothing locked: the r Ritz vectors of one basis as they are
+        vectors = active
+    else:
+        vectors = np.ascontiguousarray(np.concatenate([locked, active], axis=1)[:, :rank])
         # Locked and active vectors come from different rounds: measure the excess of the
         # basis returned on it, tr(UᵀBU) for the r vectors.
         captured = float(np.einsum("ij,ij->", vectors, operator.shifted_step(

@@ -255,7 +255,8 @@ def _gram_spectrum_and_top_vectors(
     small = small[:, ::-1].astype(gram.dtype)
     # sytrd leaves Q as the reflectors of a band of half-width 1: reflector i has its unit
     # entry in row i + 1 and the rest below it in column i.
-    return singular, two_stage.apply_band_reflectors(reflectors, tau, 1, small)
+    return singular, two_stage.apply_band_reflectors(reflectors, tau, 1, small,
+                                                     overwrite_vectors=True)
 
 
 #: From this many rows of G on, the spectrum comes from the two-stage reduction and the top
@@ -289,7 +290,8 @@ def _two_stage_spectrum_and_top_vectors(
     if excess > SUBSPACE_TOLERANCE:
         _LOGGER.warning("the rank-%d factors are %.3g%% above the optimal error (target "
                         "%.3g%%)", rank, 100.0 * excess, 100.0 * SUBSPACE_TOLERANCE)
-    return singular, two_stage.apply_band_reflectors(gram, tau, BAND_WIDTH, vectors)
+    return singular, two_stage.apply_band_reflectors(gram, tau, BAND_WIDTH, vectors,
+                                                     overwrite_vectors=True)
 
 
 def _checked_kernel(weight: np.ndarray) -> np.ndarray:

@@ -153,8 +153,10 @@ REFLECTOR_BLOCK = 256
 
 
 def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: int,
-                          vectors: np.ndarray) -> np.ndarray:
+                          vectors: np.ndarray, overwrite_vectors: bool = False) -> np.ndarray:
     """Return Q1 · ``vectors`` for the Q1 of :func:`reduce_to_band` (``vectors`` is n × r).
+    With ``overwrite_vectors``, a C-ordered ``vectors`` of the reflectors' dtype is updated in
+    place and returned (no copy of the n × r block).
 
     Q1 = H(0) H(1) ⋯ H(n−kd−1), H(i) = I − τ_i v_i v_iᵀ. Blocks of b reflectors are applied as
     I − V T Vᵀ (compact WY form, Schreiber and Van Loan 1989) with T⁻¹ = diag(1/τ) +
@@ -164,7 +166,8 @@ def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: in
     kd = int(bandwidth)
     count = tau.shape[0]
     dtype = reflectors.dtype
-    result = np.array(vectors, dtype=dtype, order="C", copy=True)
+    in_place = overwrite_vectors and vectors.dtype == dtype and vectors.flags.c_contiguous
+    result = vectors if in_place else np.array(vectors, dtype=dtype, order="C", copy=True)
     if count == 0:
         return result
     below = result[kd:]  # rows the reflectors act on; C order, so .T is Fortran order
