@@ -186,8 +186,9 @@ static void run_tasks(void *(*body)(void *), void *tasks, size_t size, int count
 
 /* ---- ARQ forward ------------------------------------------------------------------------- */
 
-static void arq_forward_run(const float *w, float *out, float *scales, Py_ssize_t outer,
-                            Py_ssize_t channels, Py_ssize_t inner, int num_bits) {
+AMCT_CLONES static void arq_forward_run(const float *restrict w, float *restrict out,
+                                        float *restrict scales, Py_ssize_t outer,
+                                        Py_ssize_t channels, Py_ssize_t inner, int num_bits) {
     const float half = (float)(1 << (num_bits - 1));
     const float qmin = -half, qmax = half - 1.0f;
     for (Py_ssize_t c = 0; c < channels; ++c) {
@@ -195,6 +196,9 @@ static void arq_forward_run(const float *w, float *out, float *scales, Py_ssize_
         int nan = 0;
         for (Py_ssize_t o = 0; o < outer; ++o) {
             const float *row = w + (o * channels + c) * inner;
+            /* the order of a min/max reduction does not change its value (NaN is counted
+             * apart; |-0| = |+0| for the scale) */
+#pragma omp simd reduction(min : lo) reduction(max : hi) reduction(| : nan)
             for (Py_ssize_t i = 0; i < inner; ++i) {
                 const float v = row[i];
                 lo = v < lo ? v : lo;
@@ -211,10 +215,10 @@ static void arq_forward_run(const float *w, float *out, float *scales, Py_ssize_
         for (Py_ssize_t o = 0; o < outer; ++o) {
             const Py_ssize_t base = (o * channels + c) * inner;
             for (Py_ssize_t i = 0; i < inner; ++i) {
-                float c = w[base + i] * inv;
-                c = (c < qmin) ? qmin : c;
-                c = (c > qmax) ? qmax : c;
-                out[base + i] = round_half_even(c) * s;
+                float q = w[base + i] * inv;
+                q = (q < qmin) ? qmin : q;
+                q = (q > qmax) ? qmax : q;
+                out[base + i] = round_half_even(q) * s;
             }
         }
     }
