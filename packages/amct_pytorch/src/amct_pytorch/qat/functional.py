@@ -52,8 +52,10 @@ def _fusable(*tensors: torch.Tensor) -> bool:
     must be recorded)."""
     if _FUSED is None or torch.jit.is_tracing():
         return False
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-               for t in tensors)
+    for t in tensors:  # (a loop, not all(...): this runs several times per layer and step)
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            return False
+    return True
 
 
 @dataclass(frozen=True)
