@@ -28,12 +28,14 @@ def _sibling(name: str) -> str:
 
 class _BuildExt(build_ext):
     """Adds the optimisation flags the kernels are written for where the compiler is a
-    GCC-like one (never -ffast-math: the rounding must stay exact)."""
+    GCC-like one. Never -ffast-math, and no fused multiply-add contraction: every product must
+    be rounded to float32 as in torch and the core."""
 
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "unix":
             for ext in self.extensions:
-                ext.extra_compile_args = ["-O3", "-fno-trapping-math", "-fopenmp-simd"]
+                ext.extra_compile_args = ["-O3", "-fno-trapping-math", "-fopenmp-simd",
+                                          "-ffp-contract=off"]
         super().build_extensions()
 
 

@@ -18,8 +18,9 @@
  * (c + 1.5 * 2^23) - 1.5 * 2^23, exact for |c| < 2^22 and vectorizable without SSE4.1, on a
  * value first clamped to the integer range (clamping to integer bounds and rounding commute),
  * so it never sees a larger one; NaN stays NaN. The module must therefore not be compiled
- * with -ffast-math (-fno-trapping-math and -fopenmp-simd, which change no result, let the
- * compiler vectorize the loops). The sums are float over blocks of 128 elements (in SIMD
+ * with -ffast-math, nor with multiply-add contraction (setup.py passes -ffp-contract=off;
+ * -fno-trapping-math and -fopenmp-simd, which change no result, let the compiler vectorize
+ * the loops). The sums are float over blocks of 128 elements (in SIMD
  * lanes), added into double accumulators.
  *
  * The tensors are passed as addresses (torch.Tensor.data_ptr()) of contiguous float32
