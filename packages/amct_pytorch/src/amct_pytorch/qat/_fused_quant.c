@@ -158,7 +158,6 @@ static void part_bounds(Py_ssize_t n, int count, int index, Py_ssize_t *begin, P
     *end = last * BLOCK < n ? last * BLOCK : n;
 }
 
-#if AMCT_HAVE_THREADS
 static void *forward_thread(void *arg) {
     ulq_forward_range((const ForwardTask *)arg);
     return NULL;
@@ -170,8 +169,9 @@ static void *backward_thread(void *arg) {
 }
 
 /* Run `body` on tasks[1..count-1] in new threads and on tasks[0] here; a task whose thread
- * cannot be started runs here instead. */
+ * cannot be started (or every task, without POSIX threads) runs here instead. */
 static void run_tasks(void *(*body)(void *), void *tasks, size_t size, int count) {
+#if AMCT_HAVE_THREADS
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int t = 1; t < count; ++t) {
@@ -182,8 +182,10 @@ static void run_tasks(void *(*body)(void *), void *tasks, size_t size, int count
     for (int t = 1; t < count; ++t) {
         if (started[t]) pthread_join(ids[t], NULL);
     }
-}
+#else
+    for (int t = 0; t < count; ++t) body((char *)tasks + size * t);
 #endif
+}
 
 /* ---- ARQ forward ------------------------------------------------------------------------- */
 
@@ -244,11 +246,7 @@ static PyObject *py_ulq_forward(PyObject *self, PyObject *args) {
         part_bounds(n, count, t, &tasks[t].begin, &tasks[t].end);
     }
     Py_BEGIN_ALLOW_THREADS
-#if AMCT_HAVE_THREADS
     run_tasks(forward_thread, tasks, sizeof(ForwardTask), count);
-#else
-    ulq_forward_range(&tasks[0]);
-#endif
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -271,11 +269,7 @@ static PyObject *py_ulq_backward(PyObject *self, PyObject *args) {
         part_bounds(n, count, t, &tasks[t].begin, &tasks[t].end);
     }
     Py_BEGIN_ALLOW_THREADS
-#if AMCT_HAVE_THREADS
     run_tasks(backward_thread, tasks, sizeof(BackwardTask), count);
-#else
-    ulq_backward_range(&tasks[0]);
-#endif
     Py_END_ALLOW_THREADS
     double inside_err = 0.0, upper = 0.0, lower = 0.0;
     for (int t = 0; t < count; ++t) {
