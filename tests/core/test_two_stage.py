@@ -83,6 +83,53 @@ def test_band_reduction_keeps_the_spectrum_and_q1_maps_back(dtype, tol, bandwidt
     np.testing.assert_array_equal(fortran, original)
 
 
+needs_parallel_chase = pytest.mark.skipif(
+    two_stage._bulge_chasing is None,
+    reason="the C extension amct_core.decompose._bulge_chasing was not built (no C compiler)")
+
+
+@needs_parallel_chase
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_parallel_bulge_chasing_gives_lapacks_tridiagonal_matrix_bit_for_bit(dtype, threads):
+    # Band widths and sizes around the edges of the sweep schedule: a last sweep of one step,
+    # sizes just above the band, groups of sweeps that do not fill, and a real spectrum.
+    rng = np.random.default_rng(11)
+    cases = [(n, kd) for n in (4, 5, 9, 66, 67, 131, 300) for kd in (2, 3, 8, 64) if kd + 1 < n]
+    for n, kd in cases:
+        band = np.asfortranarray(rng.standard_normal((kd + 1, n)).astype(dtype))
+        diag, offdiag = two_stage._lapack_tridiagonal(band)
+        par_diag, par_offdiag = two_stage._parallel_tridiagonal(band, threads)
+        assert np.array_equal(par_diag, diag), (n, kd)
+        assert np.array_equal(par_offdiag, offdiag[:n - 1]), (n, kd)
+    work = np.asfortranarray(gram_of(patches(16, 2000), dtype))
+    band, _ = two_stage.reduce_to_band(work, 16)
+    kept = band.copy()
+    np.testing.assert_array_equal(two_stage.band_eigenvalues(band, threads=threads),
+                                  two_stage.band_eigenvalues(band, threads=1))
+    np.testing.assert_array_equal(band, kept)
+
+
+@needs_parallel_chase
+def test_parallel_bulge_chasing_is_the_default_and_checks_its_arguments():
+    assert two_stage.bulge_threads(np.float32) == min(two_stage.BULGE_THREADS,
+                                                      two_stage._usable_cpus())
+    chase = two_stage._bulge_chasing.chase
+    with pytest.raises(ValueError, match="null address"):
+        chase(0, 4, 10, 3, 1, 7, 1, 1, 1, 16, 2)
+    with pytest.raises(ValueError, match="kd >= 2"):
+        chase(1, 4, 10, 1, 1, 3, 1, 1, 1, 16, 2)
+
+
+def test_without_the_c_extension_lapack_chases_the_bulges(monkeypatch):
+    monkeypatch.setattr(two_stage, "_bulge_chasing", None)
+    assert two_stage.bulge_threads(np.float32) == 1
+    g = gram_of(patches(8, 500), np.float64)
+    band, _ = two_stage.reduce_to_band(g.copy(order="F"), 8)
+    np.testing.assert_allclose(two_stage.band_eigenvalues(band), np.linalg.eigvalsh(g),
+                               atol=1e-12 * np.abs(g).sum())
+
+
 def test_reduce_to_band_needs_fortran_order():
     g = np.ascontiguousarray(gram_of(patches(6, 200), np.float64))
     with pytest.raises(ValueError, match="Fortran"):

@@ -14,10 +14,17 @@ SciPy does not wrap these routines, but they are in the LAPACK library SciPy lin
 (LAPACK ≥ 3.7; the OpenBLAS in SciPy's wheels exports them as ``scipy_ssytrd_sy2sb_``). They
 are called through ``ctypes``; where they cannot be found, :func:`available` is False and the
 solver keeps the one-stage path.
+
+The bulge chasing of ``?sytrd_sb2st`` runs in parallel only in an OpenMP build of LAPACK, which
+SciPy's OpenBLAS is not. Where the optional C extension ``_bulge_chasing`` was built (by the
+install, where a C compiler is found), :func:`band_eigenvalues` runs the same LAPACK kernels
+(``?sb2st_kernels``) in the same per-sweep order on :data:`BULGE_THREADS` threads instead,
+which gives the same tridiagonal matrix bit for bit.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal, solve_triangular
@@ -33,8 +40,9 @@ _LEN = ctypes.c_size_t  # gfortran's hidden length of each CHARACTER argument
 _SPELLINGS = ("scipy_{}_", "{}_", "{}")
 
 
-def _load() -> dict[str, tuple[object, object]]:
-    """{'s': (sy2sb, sb2st), 'd': (...)} from the LAPACK library SciPy uses, or {}.
+def _load() -> dict[str, tuple[object, object, int | None]]:
+    """{'s': (sy2sb, sb2st, address of sb2st_kernels or None), 'd': (...)} from the LAPACK
+    library SciPy uses, or {}.
 
     The library is found through SciPy's Cython LAPACK module: a symbol lookup in a loaded
     library also searches the libraries it depends on, and that module depends on the LP64
@@ -56,7 +64,12 @@ def _load() -> dict[str, tuple[object, object]]:
                 continue
             sy2sb.restype = None
             sb2st.restype = None
-            found[prefix] = (sy2sb, sb2st)
+            try:
+                kernels = getattr(library, spelling.format(f"{prefix}sb2st_kernels"))
+                address = ctypes.cast(kernels, ctypes.c_void_p).value
+            except AttributeError:  # pragma: no cover - LAPACK 3.7+ always has them
+                address = None
+            found[prefix] = (sy2sb, sb2st, address)
             break
     return found
 
@@ -65,6 +78,31 @@ try:
     _ROUTINES = _load()
 except Exception:  # pragma: no cover - never let an exotic SciPy build break the import
     _ROUTINES = {}
+
+try:
+    from amct_core.decompose import _bulge_chasing
+except ImportError:  # built without a C compiler: LAPACK's sequential bulge chasing
+    _bulge_chasing = None
+
+#: Threads of the parallel bulge chasing (at most the CPUs this process may use); 1 runs
+#: LAPACK's own sequential ``?sytrd_sb2st``.
+BULGE_THREADS = 2
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def bulge_threads(dtype: np.dtype | type = np.float32) -> int:
+    """Threads :func:`band_eigenvalues` uses for ``dtype``: 1 where the C extension or LAPACK's
+    ``?sb2st_kernels`` is missing."""
+    routines = _ROUTINES.get(_prefix(np.dtype(dtype)))
+    if _bulge_chasing is None or routines is None or routines[2] is None:
+        return 1
+    return max(1, min(BULGE_THREADS, _usable_cpus()))
 
 
 def _prefix(dtype: np.dtype) -> str:
@@ -117,12 +155,43 @@ def reduce_to_band(matrix: np.ndarray, bandwidth: int) -> tuple[np.ndarray, np.n
     return band, tau[:max(n - kd, 0)]
 
 
-def band_eigenvalues(band: np.ndarray) -> np.ndarray:
+def band_eigenvalues(band: np.ndarray, threads: int | None = None) -> np.ndarray:
     """All eigenvalues (ascending, float64) of the symmetric band matrix in lower band storage.
 
-    Bulge chasing (``?sytrd_sb2st``) to a tridiagonal matrix, then ``?sterf``. ``band`` is not
-    modified.
+    Bulge chasing to a tridiagonal matrix (on ``threads`` threads, :func:`bulge_threads` when
+    None; LAPACK's ``?sytrd_sb2st`` on one), then ``?sterf``. ``band`` is not modified.
     """
+    kd, n = band.shape[0] - 1, band.shape[1]
+    threads = bulge_threads(band.dtype) if threads is None else int(threads)
+    if threads > 1 and kd >= 2 and n > kd + 1:
+        diag, offdiag = _parallel_tridiagonal(band, threads)
+    else:
+        diag, offdiag = _lapack_tridiagonal(band)
+    values = eigvalsh_tridiagonal(diag, offdiag[:n - 1], lapack_driver="sterf")
+    return np.sort(values.astype(np.float64))
+
+
+def _parallel_tridiagonal(band: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(diagonal, off-diagonal) by the parallel bulge chasing of :mod:`._bulge_chasing` in the
+    working layout of ``?sytrd_sb2st``: the band in rows 0..kd of a (2kd+1) × n array, the
+    rows below (where the bulges appear) zero; the tridiagonal matrix ends in rows 0 and 1."""
+    kd, n = band.shape[0] - 1, band.shape[1]
+    dtype = band.dtype
+    work_band = np.zeros((2 * kd + 1, n), dtype=dtype, order="F")
+    work_band[:kd + 1] = band
+    # The kernels keep the reflectors of a sweep at (sweep parity)·n + start column.
+    vectors = np.zeros(2 * n + kd + 2, dtype=dtype)
+    scalars = np.zeros(2 * n + kd + 2, dtype=dtype)
+    per_thread = 4 * kd + 16
+    scratch = np.zeros(threads * per_thread, dtype=dtype)
+    _bulge_chasing.chase(_ROUTINES[_prefix(dtype)][2], dtype.itemsize, n, kd,
+                         work_band.ctypes.data, 2 * kd + 1, vectors.ctypes.data,
+                         scalars.ctypes.data, scratch.ctypes.data, per_thread, threads)
+    return work_band[0].copy(), work_band[1, :n - 1].copy()
+
+
+def _lapack_tridiagonal(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(diagonal, off-diagonal) by LAPACK's ``?sytrd_sb2st`` (sequential here)."""
     prefix = _prefix(band.dtype)
     sb2st = _ROUTINES[prefix][1]
     kd, n = band.shape[0] - 1, band.shape[1]
@@ -144,8 +213,7 @@ def band_eigenvalues(band: np.ndarray) -> np.ndarray:
     call(work.size)
     if info.value != 0:
         raise np.linalg.LinAlgError(f"{prefix}sytrd_sb2st failed (info={info.value})")
-    values = eigvalsh_tridiagonal(diag, offdiag[:n - 1], lapack_driver="sterf")
-    return np.sort(values.astype(np.float64))
+    return diag, offdiag
 
 
 #: Reflectors applied together in :func:`apply_band_reflectors` (compact WY blocks).

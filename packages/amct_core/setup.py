@@ -1,0 +1,14 @@
+"""Build script of amct-core: the optional C extension of the decomposition solver.
+
+``amct_core.decompose._bulge_chasing`` (plain C, no numpy headers) runs the bulge chasing of
+the two-stage tridiagonal reduction on two threads through LAPACK's own kernels. It is
+optional: without a C compiler the install goes on and the solver calls LAPACK's sequential
+``?sytrd_sb2st``, which computes the same tridiagonal matrix on one core.
+"""
+from setuptools import Extension, setup
+
+_BULGE_CHASING = Extension("amct_core.decompose._bulge_chasing",
+                           sources=["src/amct_core/decompose/_bulge_chasing.c"],
+                           extra_compile_args=["-O2"], optional=True)
+
+setup(ext_modules=[_BULGE_CHASING])
