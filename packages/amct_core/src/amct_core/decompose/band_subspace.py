@@ -33,6 +33,8 @@ import numpy as np
 from scipy.linalg import LinAlgError, cholesky, eigh, qr
 from scipy.linalg.blas import get_blas_funcs
 
+from amct_core.decompose import blas
+
 #: Highest Chebyshev degree per round.
 MAX_DEGREE = 16
 #: Largest spread T_m(λ_top)/T_m(λ_r) of the filter over the active eigenvalues, per working
@@ -92,7 +94,7 @@ class _BandOperator:
         """out = alpha·(B − shift·I)·current − beta·previous (previous may be None)."""
         for r0, r1, c0, c1, slab in self.slabs:
             block = out[r0:r1]
-            np.matmul(slab, current[c0:c1], out=block)
+            blas.matmul(slab, current[c0:c1], out=block)
             if shift:
                 block -= shift * current[r0:r1]
             block *= alpha
@@ -128,7 +130,7 @@ def _degree(x_top: float, x_rank: float, spread_limit: float) -> int:
 def _deflate(block: np.ndarray, locked: np.ndarray) -> None:
     """block ← (I − L Lᵀ) block, in place."""
     if locked.shape[1]:
-        block -= locked @ (locked.T @ block)
+        blas.matmul(locked, blas.matmul(locked.T, block), out=block, alpha=-1.0, beta=1.0)
 
 
 def _filter(operator: _BandOperator, block: np.ndarray, degree: int, center: float,
@@ -166,7 +168,7 @@ def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
     """
     wide = np.array(block, dtype=np.float64, order="C")
     try:
-        factor = cholesky(wide.T @ wide, lower=False, check_finite=False)
+        factor = cholesky(blas.gram(wide), lower=False, check_finite=False)
     except LinAlgError:
         return np.ascontiguousarray(qr(np.asfortranarray(block), mode="economic",
                                        overwrite_a=True, check_finite=False)[0])
@@ -241,18 +243,19 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         basis = _orthonormal_basis(filtered)
         _deflate(basis, locked)
         product = operator.shifted_step(basis, None, 0.0, 1.0, 0.0, buffers[0])
-        projected = basis.T @ product
+        projected = blas.matmul(basis.T, product)
         projected = (projected + projected.T) * 0.5
         # Divide and conquer on the whole k × k problem is faster than a subset solver here.
         ritz, rotation = eigh(projected, driver="evd", check_finite=False)
-        # Reversed views have negative strides, which numpy multiplies without BLAS: copy.
-        ritz, rotation = ritz[::-1].astype(np.float64), np.ascontiguousarray(rotation[:, ::-1])
+        # Reversed views have negative strides, which BLAS cannot take: copy, in Fortran order
+        # so that the leading columns are a contiguous block.
+        ritz, rotation = ritz[::-1].astype(np.float64), np.asfortranarray(rotation[:, ::-1])
         wanted = rank - count
         excess_abs = leading - float(np.sum(locked_ritz)) - float(np.sum(ritz[:max(wanted, 0)]))
         excess = excess_abs / scale
         if excess_abs <= allowed or round_index == MAX_ROUNDS - 1 or wanted <= 0:
             break
-        vectors = np.ascontiguousarray(basis @ rotation)
+        vectors = blas.matmul(basis, rotation)
         # Lock the leading Ritz vectors whose summed excess is negligible.
         deficits = np.cumsum(np.clip(lam[count:count + ritz.shape[0]] - ritz, 0.0, None))
         newly = int(np.searchsorted(deficits, LOCK_FRACTION * allowed, side="right"))
@@ -261,7 +264,7 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
             locked = np.concatenate([locked, vectors[:, :newly]], axis=1)
             locked_ritz = np.concatenate([locked_ritz, ritz[:newly]])
         block = np.ascontiguousarray(vectors[:, max(newly, 0):])
-    active = np.ascontiguousarray(basis @ rotation[:, :max(rank - locked.shape[1], 0)])
+    active = blas.matmul(basis, rotation[:, :max(rank - locked.shape[1], 0)])
     if not locked.shape[1]:  # nothing locked: the r Ritz vectors of one basis as they are
         vectors = active
     else:

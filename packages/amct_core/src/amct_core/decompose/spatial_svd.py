@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_lapack_funcs
 
-from amct_core.decompose import band_subspace, mrrr, two_stage
+from amct_core.decompose import band_subspace, blas, mrrr, two_stage
 from amct_core.decompose.applicability import DecomposeMode, _pair, select_mode
 from amct_core.decompose.rank import select_rank
 from amct_core.errors import DecompositionError
@@ -357,7 +357,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
         if kernel.shape != shape:
             raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on its "
                                      f"second call, {shape} on its first")
-    core = u_r.T @ unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
+    core = blas.matmul(u_r.T, unfold_weight(kernel.astype(compute_dtype, copy=False), mode))
     del kernel
     first, last = _fold(u_r, core, shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,

@@ -1,0 +1,75 @@
+"""The solver's matrix products through SciPy's BLAS, against numpy's products."""
+import numpy as np
+import pytest
+
+from amct_core.decompose import blas
+
+
+def layouts(matrix: np.ndarray) -> list[np.ndarray]:
+    """The matrix C-ordered, Fortran-ordered, as a transposed view, and as a strided slice."""
+    wide = np.zeros((matrix.shape[0], 2 * matrix.shape[1]), dtype=matrix.dtype)
+    wide[:, ::2] = matrix
+    return [np.ascontiguousarray(matrix), np.asfortranarray(matrix),
+            np.ascontiguousarray(matrix.T).T, wide[:, ::2]]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_matmul_equals_numpy_for_every_layout(dtype, tol):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((37, 23)).astype(dtype)
+    b = rng.standard_normal((23, 41)).astype(dtype)
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    for left in layouts(a):
+        for right in layouts(b):
+            result = blas.matmul(left, right)
+            assert result.flags.c_contiguous and result.dtype == dtype
+            np.testing.assert_allclose(result, expected, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_matmul_updates_out_in_place(dtype, tol):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((30, 12)).astype(dtype)
+    b = rng.standard_normal((12, 20)).astype(dtype)
+    start = rng.standard_normal((30, 20)).astype(dtype)
+    out = start.copy()
+    returned = blas.matmul(a, b, out=out, alpha=-2.0, beta=0.5)
+    assert returned is out
+    np.testing.assert_allclose(out, 0.5 * start - 2.0 * (a @ b), rtol=tol, atol=tol * 10)
+    # A row block of a larger C-ordered array is C-contiguous: written where it lies.
+    big = np.full((50, 20), 7.0, dtype=dtype)
+    blas.matmul(a, b, out=big[10:40])
+    np.testing.assert_allclose(big[10:40], a @ b, rtol=tol, atol=tol * 10)
+    assert np.all(big[:10] == 7.0) and np.all(big[40:] == 7.0)
+    # beta = 0 never reads out: NaN there does not leak into the result.
+    out = np.full((30, 20), np.nan, dtype=dtype)
+    np.testing.assert_allclose(blas.matmul(a, b, out=out), a @ b, rtol=tol, atol=tol * 10)
+
+
+def test_matmul_rejects_what_it_cannot_compute():
+    a = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="do not multiply"):
+        blas.matmul(a, a)
+    with pytest.raises(ValueError, match="two float32 or two float64"):
+        blas.matmul(a, np.ones((4, 2)))
+    with pytest.raises(ValueError, match="two float32 or two float64"):
+        blas.matmul(a.astype(np.int64), np.ones((4, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match="C-contiguous float32 array of shape \\(3, 2\\)"):
+        blas.matmul(a, np.ones((4, 2), dtype=np.float32), out=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        blas.matmul(a, np.ones((4, 2), dtype=np.float32),
+                    out=np.zeros((2, 3), np.float32).T)
+    with pytest.raises(ValueError, match="beta needs out"):
+        blas.matmul(a, np.ones((4, 2), dtype=np.float32), beta=1.0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_gram_is_the_full_symmetric_product(dtype, tol):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((60, 17)).astype(dtype)
+    expected = x.astype(np.float64).T @ x.astype(np.float64)
+    for layout in layouts(x):
+        result = blas.gram(layout)
+        assert result.shape == (17, 17) and result.dtype == dtype
+        np.testing.assert_array_equal(result, result.T)
+        np.testing.assert_allclose(result, expected, rtol=tol, atol=tol * 60)
