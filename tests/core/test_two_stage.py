@@ -131,6 +131,32 @@ def test_parallel_bulge_chasing_is_the_default_and_checks_its_arguments():
         chase(1, 4, 10, 1, 1, 3, 1, 1, 1, 16, 2)
 
 
+def test_bulge_chasing_runs_scipys_blas_on_one_thread_and_restores_it(monkeypatch):
+    # The kernels' level-2 BLAS calls on kd × kd blocks must not be split over threads.
+    calls = []
+    count = [3]
+
+    def getter() -> int:
+        return count[0]
+
+    def setter(value: int) -> None:
+        calls.append(value)
+        count[0] = value
+
+    lapack = two_stage._lapack_tridiagonal
+
+    def chase(band):
+        assert count[0] == 1
+        return lapack(band)
+
+    monkeypatch.setattr(two_stage, "_THREAD_CONTROL", (getter, setter))
+    monkeypatch.setattr(two_stage, "_lapack_tridiagonal", chase)
+    g = gram_of(patches(8, 500), np.float64)
+    band, _ = two_stage.reduce_to_band(g.copy(order="F"), 8)
+    two_stage.band_eigenvalues(band, threads=1)
+    assert calls == [1, 3] and count[0] == 3
+
+
 def test_without_the_c_extension_lapack_chases_the_bulges(monkeypatch):
     monkeypatch.setattr(two_stage, "_bulge_chasing", None)
     assert two_stage.bulge_threads(np.float32) == 1

@@ -23,8 +23,10 @@ which gives the same tridiagonal matrix bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal, solve_triangular
@@ -84,10 +86,52 @@ def _load() -> dict[str, dict[str, object]]:
     return found
 
 
+def _load_thread_control() -> tuple[object, object] | None:
+    """(get, set) of the thread count of the OpenBLAS SciPy links against, or None."""
+    from scipy.linalg import cython_lapack
+
+    try:
+        library = ctypes.CDLL(cython_lapack.__file__)
+    except OSError:  # pragma: no cover
+        return None
+    for prefix in ("scipy_", ""):
+        getter = getattr(library, f"{prefix}openblas_get_num_threads", None)
+        setter = getattr(library, f"{prefix}openblas_set_num_threads", None)
+        if getter is not None and setter is not None:
+            getter.restype = ctypes.c_int
+            getter.argtypes = []
+            setter.restype = None
+            setter.argtypes = [ctypes.c_int]
+            return getter, setter
+    return None  # pragma: no cover - another BLAS
+
+
 try:
     _ROUTINES = _load()
+    _THREAD_CONTROL = _load_thread_control()
 except Exception:  # pragma: no cover - never let an exotic SciPy build break the import
     _ROUTINES = {}
+    _THREAD_CONTROL = None
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run the body with SciPy's OpenBLAS on one thread (then restore the count).
+
+    The bulge-chasing kernels call level-2 BLAS on blocks of about kd × kd; from kd ≈ 96 on,
+    OpenBLAS splits each of those microsecond calls over its threads and the chasing becomes
+    several times slower (and on two chasing threads, the two contend for one pool).
+    """
+    if _THREAD_CONTROL is None:  # pragma: no cover - another BLAS
+        yield
+        return
+    getter, setter = _THREAD_CONTROL
+    before = int(getter())
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
 
 try:
     from amct_core.decompose import _bulge_chasing
@@ -262,10 +306,11 @@ def band_eigenvalues(band: np.ndarray, threads: int | None = None) -> np.ndarray
     """
     kd, n = band.shape[0] - 1, band.shape[1]
     threads = bulge_threads(band.dtype) if threads is None else int(threads)
-    if threads > 1 and kd >= 2 and n > kd + 1:
-        diag, offdiag = _parallel_tridiagonal(band, threads)
-    else:
-        diag, offdiag = _lapack_tridiagonal(band)
+    with _one_blas_thread():
+        if threads > 1 and kd >= 2 and n > kd + 1:
+            diag, offdiag = _parallel_tridiagonal(band, threads)
+        else:
+            diag, offdiag = _lapack_tridiagonal(band)
     values = eigvalsh_tridiagonal(diag, offdiag[:n - 1], lapack_driver="sterf")
     return np.sort(values.astype(np.float64))
 
