@@ -248,7 +248,12 @@ def test_mrrr_top_eigenvectors_match_a_dense_solver(n, rank):
         mrrr.top_eigenvectors(diag, offdiag, n + 1)
 
 
-def test_kernel_loader_gives_the_same_factors_and_is_called_twice():
+@pytest.mark.parametrize("keep_bytes, loads", [(None, 1), (0, 2)])
+def test_kernel_loader_gives_the_same_factors(monkeypatch, keep_bytes, loads):
+    # A small unfolding is kept for the core (one load); above KEEP_UNFOLDING_MAX_BYTES it is
+    # rebuilt from a second load.
+    if keep_bytes is not None:
+        monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", keep_bytes)
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((64, 96, 3, 3))
     calls = []
@@ -259,13 +264,14 @@ def test_kernel_loader_gives_the_same_factors_and_is_called_twice():
 
     from_array = factorize_kernel(weight, DecomposeMode.FCFK)
     from_loader = factorize_kernel(load, DecomposeMode.FCFK)
-    assert len(calls) == 2
+    assert len(calls) == loads
     np.testing.assert_array_equal(from_loader.first, from_array.first)
     np.testing.assert_array_equal(from_loader.last, from_array.last)
     assert from_loader.rank == from_array.rank
 
 
-def test_kernel_loader_must_return_the_same_shape():
+def test_kernel_loader_must_return_the_same_shape(monkeypatch):
+    monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", 0)
     shapes = iter([(64, 64, 3, 3), (64, 64, 3, 5)])
 
     def load():

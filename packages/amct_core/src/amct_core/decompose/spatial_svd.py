@@ -115,6 +115,12 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
     return out.reshape(permuted.shape[0] * permuted.shape[1], -1)
 
 
+#: Largest unfolding (bytes) kept in memory from G = Y Yᵀ to the core U_rᵀ Y; a larger one
+#: is rebuilt from the kernel for the core (one more read and copy, about 0.3 s for the
+#: 150 MB of a (2048, 2048, 3, 3) kernel, to keep the peak of the (2048, 2048, 5, 5) one
+#: under 2 GB).
+KEEP_UNFOLDING_MAX_BYTES = 256 << 20
+
 #: Rows of G = Y Yᵀ per matrix product (only the blocks on and below the diagonal are formed).
 GRAM_ROW_BLOCK = 1024
 
@@ -313,9 +319,11 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
 
     ``weight`` is the kernel, or a function returning it: a plugin whose kernels live on disk
-    (a TensorFlow checkpoint) passes a loader, which is called twice (for G, then for the
-    core), so the kernel is not held while the spectrum is computed and peak memory is one
-    kernel-sized array lower. No applicability check: callers use
+    (a TensorFlow checkpoint) passes a loader. The unfolding Y is kept for the core U_rᵀ Y
+    when it is at most :data:`KEEP_UNFOLDING_MAX_BYTES`; a larger one is dropped while the
+    spectrum is computed and rebuilt from the kernel, which the loader is then called a second
+    time for (so a kernel on disk is not held meanwhile: peak memory one or two kernel-sized
+    arrays lower). No applicability check: callers use
     :func:`decompose_conv_weight` for that. The factors are returned in the compute precision
     (float64 for small kernels, float32 for large ones unless ``compute_dtype`` says
     otherwise).
@@ -326,13 +334,15 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     shape = kernel.shape
     if compute_dtype is None:
         compute_dtype = np.float64 if kernel.size <= FLOAT64_MAX_ELEMENTS else np.float32
-    # Peak memory: the kernel, its unfolding Y and G; Y is dropped while the spectrum is
-    # computed and unfolded again for the core U_rᵀ Y.
+    # Peak memory: the kernel, its unfolding Y and G; a large Y is dropped while the spectrum
+    # is computed and unfolded again for the core U_rᵀ Y.
     unfolded = unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
+    keep = unfolded.nbytes <= KEEP_UNFOLDING_MAX_BYTES
     if load is not None:
         del kernel
     gram = _gram(unfolded)
-    del unfolded
+    if not keep:
+        del unfolded
     num_rows = gram.shape[0]
     cout, cin, kh, kw = shape
     evbmf: list[int] = []
@@ -352,13 +362,16 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     else:
         singular, u_r = _gram_spectrum_and_top_vectors(gram, choose_rank)
     del gram
-    if load is not None:
-        kernel = np.asarray(load())
-        if kernel.shape != shape:
-            raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on its "
-                                     f"second call, {shape} on its first")
-    core = blas.matmul(u_r.T, unfold_weight(kernel.astype(compute_dtype, copy=False), mode))
-    del kernel
+    if not keep:
+        if load is not None:
+            kernel = np.asarray(load())
+            if kernel.shape != shape:
+                raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on "
+                                         f"its second call, {shape} on its first")
+        unfolded = unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
+        del kernel
+    core = blas.matmul(u_r.T, unfolded)
+    del unfolded
     first, last = _fold(u_r, core, shape, mode)
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
