@@ -73,3 +73,5 @@ def test_gram_is_the_full_symmetric_product(dtype, tol):
         assert result.shape == (17, 17) and result.dtype == dtype
         np.testing.assert_array_equal(result, result.T)
         np.testing.assert_allclose(result, expected, rtol=tol, atol=tol * 60)
+        upper = blas.gram(layout, upper_only=True)
+        np.testing.assert_array_equal(upper, np.triu(result))

@@ -168,7 +168,7 @@ def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
     """
     wide = np.array(block, dtype=np.float64, order="C")
     try:
-        factor = cholesky(blas.gram(wide), lower=False, check_finite=False)
+        factor = cholesky(blas.gram(wide, upper_only=True), lower=False, check_finite=False)
     except LinAlgError:
         return np.ascontiguousarray(qr(np.asfortranarray(block), mode="economic",
                                        overwrite_a=True, check_finite=False)[0])
@@ -228,7 +228,10 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         return (value - center) / half_width
 
     operator = _BandOperator(band, dtype)
-    block = np.random.default_rng(seed).standard_normal((n, k), dtype=dtype)
+    # Uniform on [-1, 1): as good a start as Gaussian entries, at a third of the cost.
+    block = np.random.default_rng(seed).random((n, k), dtype=dtype)
+    block *= 2.0
+    block -= 1.0
     locked = np.zeros((n, 0), dtype=dtype)
     locked_ritz = np.zeros(0)
     for round_index in range(MAX_ROUNDS):

@@ -56,12 +56,17 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, alpha: f
     return out
 
 
-def gram(matrix: np.ndarray) -> np.ndarray:
-    """``matrixᵀ @ matrix`` (symmetric, both triangles set) by ``?syrk``: half the flops of a
-    general product."""
+def gram(matrix: np.ndarray, upper_only: bool = False) -> np.ndarray:
+    """``matrixᵀ @ matrix`` (symmetric) by ``?syrk``: half the flops of a general product.
+
+    Both triangles are set, or with ``upper_only`` just the upper one (the rest zero), which is
+    all a Cholesky factorisation reads.
+    """
     left, trans = _as_fortran(matrix)
     syrk = get_blas_funcs("syrk", (left,))
     # syrk(trans=0) is A Aᵀ; with A = op(left) = matrix it is asked for Aᵀ A: trans = 1 on
     # the stored left (a C-ordered matrix is stored as its transpose, so trans flips).
-    upper = syrk(1.0, left, trans=0 if trans else 1, lower=0)
+    upper = syrk(1.0, left, trans=0 if trans else 1, lower=0)  # the lower triangle stays 0
+    if upper_only:
+        return upper
     return np.triu(upper) + np.triu(upper, 1).T
