@@ -109,6 +109,24 @@ def test_non_finite_weights_are_refused(bad):
         decompose_conv_weight(weight)
 
 
+@pytest.mark.parametrize("keep_bytes", [None, 0])
+def test_non_finite_weights_are_refused_before_any_solve(monkeypatch, keep_bytes):
+    # Also through a loader and when the unfolding is not kept; and a float32 kernel whose
+    # squares overflow (finite values, infinite Gram matrix) is refused with its own message.
+    if keep_bytes is not None:
+        monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", keep_bytes)
+    monkeypatch.setattr(spatial_svd_module, "_gram_spectrum_and_top_vectors",
+                        lambda *args: pytest.fail("solved a kernel it should refuse"))
+    weight = kernel((128, 128, 3, 3)).astype(np.float32)
+    weight[100, 7, 2, 0] = np.nan
+    with pytest.raises(DecompositionError, match="NaN or Inf"):
+        factorize_kernel(lambda: weight.copy(), DecomposeMode.SCFK)
+    weight[100, 7, 2, 0] = 3e19
+    with pytest.raises(DecompositionError, match="too large for float32 \\(largest \\|w\\| = "
+                                                 "3e\\+19\\).*scale the weights down"):
+        factorize_kernel(weight, DecomposeMode.SCFK, compute_dtype=np.float32)
+
+
 def test_non_float_weights_are_refused():
     with pytest.raises(DecompositionError, match="int32"):
         factorize_kernel(np.ones((128, 128, 3, 3), dtype=np.int32), DecomposeMode.SCFK)

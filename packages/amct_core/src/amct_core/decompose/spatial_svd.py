@@ -134,9 +134,11 @@ def _gram(unfolded: np.ndarray) -> np.ndarray:
     """
     num_rows = unfolded.shape[0]
     upper = np.zeros((num_rows, num_rows), dtype=unfolded.dtype)
-    for start in range(0, num_rows, GRAM_ROW_BLOCK):
-        stop = min(num_rows, start + GRAM_ROW_BLOCK)
-        np.matmul(unfolded[start:stop], unfolded[start:].T, out=upper[start:stop, start:])
+    # NaN, Inf and overflow are reported by _check_finite from the diagonal, not warned here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, num_rows, GRAM_ROW_BLOCK):
+            stop = min(num_rows, start + GRAM_ROW_BLOCK)
+            np.matmul(unfolded[start:stop], unfolded[start:].T, out=upper[start:stop, start:])
     return upper.T
 
 
@@ -308,9 +310,22 @@ def _checked_kernel(weight: np.ndarray) -> np.ndarray:
     if not np.issubdtype(weight.dtype, np.floating):
         raise DecompositionError(f"unsupported weight dtype {weight.dtype}; only float16, "
                                  f"float32 and float64 kernels can be decomposed")
-    if not np.all(np.isfinite(weight)):
-        raise DecompositionError("the kernel contains NaN or Inf values")
     return weight
+
+
+def _check_finite(unfolded: np.ndarray, gram: np.ndarray) -> None:
+    """Refuse a kernel with NaN or Inf values, or whose Gram matrix overflows.
+
+    G[i, i] = Σ_j Y[i, j]² is NaN or Inf whenever row i of Y holds one, so the n diagonal
+    entries stand for the whole kernel (a scan of the kernel only runs to word the error).
+    """
+    if np.all(np.isfinite(np.diagonal(gram))):
+        return
+    if not np.all(np.isfinite(unfolded)):
+        raise DecompositionError("the kernel contains NaN or Inf values")
+    raise DecompositionError(f"the kernel's values are too large for {unfolded.dtype} (largest "
+                             f"|w| = {float(np.max(np.abs(unfolded))):.3g}): their squared sums "
+                             f"overflow; scale the weights down")
 
 
 def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: DecomposeMode,
@@ -341,6 +356,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     if load is not None:
         del kernel
     gram = _gram(unfolded)
+    _check_finite(unfolded, gram)
     if not keep:
         del unfolded
     num_rows = gram.shape[0]
