@@ -133,6 +133,7 @@ def _one_blas_thread() -> Iterator[None]:
     finally:
         setter(before)
 
+
 try:
     from amct_core.decompose import _bulge_chasing
 except ImportError:  # built without a C compiler: LAPACK's sequential bulge chasing
