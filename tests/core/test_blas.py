@@ -73,5 +73,10 @@ def test_gram_is_the_full_symmetric_product(dtype, tol):
         assert result.shape == (17, 17) and result.dtype == dtype
         np.testing.assert_array_equal(result, result.T)
         np.testing.assert_allclose(result, expected, rtol=tol, atol=tol * 60)
-        upper = blas.gram(layout, upper_only=True)
-        np.testing.assert_array_equal(upper, np.triu(result))
+        for triangle, keep, other in (("upper", np.triu, np.tril), ("lower", np.tril, np.triu)):
+            part = blas.gram(layout, triangle=triangle)
+            assert part.flags.f_contiguous
+            np.testing.assert_allclose(part, keep(expected), rtol=tol, atol=tol * 60)
+            assert not np.any(other(part, -1 if triangle == "upper" else 1))
+    with pytest.raises(ValueError, match="triangle must be 'both', 'upper' or 'lower', got 'u'"):
+        blas.gram(x, triangle="u")

@@ -168,7 +168,7 @@ def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
     """
     wide = np.array(block, dtype=np.float64, order="C")
     try:
-        factor = cholesky(blas.gram(wide, upper_only=True), lower=False, check_finite=False)
+        factor = cholesky(blas.gram(wide, triangle="upper"), lower=False, check_finite=False)
     except LinAlgError:
         return np.ascontiguousarray(qr(np.asfortranarray(block), mode="economic",
                                        overwrite_a=True, check_finite=False)[0])

@@ -56,17 +56,24 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, alpha: f
     return out
 
 
-def gram(matrix: np.ndarray, upper_only: bool = False) -> np.ndarray:
-    """``matrixᵀ @ matrix`` (symmetric) by ``?syrk``: half the flops of a general product.
+def gram(matrix: np.ndarray, triangle: str = "both") -> np.ndarray:
+    """``matrixᵀ @ matrix`` (symmetric) by one ``?syrk``: half the flops of a general product,
+    at the same speed for the solver's sizes (a 6144² Gram of 6144 columns: 1.2 s against
+    1.4-1.5 s for numpy's products on the blocks below the diagonal).
 
-    Both triangles are set, or with ``upper_only`` just the upper one (the rest zero), which is
-    all a Cholesky factorisation reads.
+    ``triangle``: "both" sets the whole matrix; "upper" or "lower" only that triangle (the
+    other is zero), which is all LAPACK's Cholesky and band reduction read. The result is
+    Fortran-ordered.
     """
+    if triangle not in ("both", "upper", "lower"):
+        raise ValueError(f"gram: triangle must be 'both', 'upper' or 'lower', got {triangle!r}")
     left, trans = _as_fortran(matrix)
     syrk = get_blas_funcs("syrk", (left,))
     # syrk(trans=0) is A Aᵀ; with A = op(left) = matrix it is asked for Aᵀ A: trans = 1 on
-    # the stored left (a C-ordered matrix is stored as its transpose, so trans flips).
-    upper = syrk(1.0, left, trans=0 if trans else 1, lower=0)  # the lower triangle stays 0
-    if upper_only:
-        return upper
-    return np.triu(upper) + np.triu(upper, 1).T
+    # the stored left (a C-ordered matrix is stored as its transpose, so trans flips). The
+    # triangle not asked for stays 0.
+    result = syrk(1.0, left, trans=0 if trans else 1, lower=int(triangle == "lower"))
+    if triangle == "both":
+        upper = np.triu(result)
+        return np.asfortranarray(upper + np.triu(result, 1).T)
+    return result

@@ -121,25 +121,12 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
 #: under 2 GB).
 KEEP_UNFOLDING_MAX_BYTES = 256 << 20
 
-#: Rows of G = Y Yᵀ per matrix product (only the blocks on and below the diagonal are formed).
-GRAM_ROW_BLOCK = 1024
-
-
 def _gram(unfolded: np.ndarray) -> np.ndarray:
-    """G = Y Yᵀ as a Fortran-ordered array whose lower triangle is set (what LAPACK reads).
-
-    Built as the rows i ≥ j of a C-ordered array (the same memory read in Fortran order is the
-    lower triangle), one matrix product per block of rows: half the flops of Y Yᵀ, at the
-    speed of a general matrix product (the BLAS rank-k update is about half as fast).
-    """
-    num_rows = unfolded.shape[0]
-    upper = np.zeros((num_rows, num_rows), dtype=unfolded.dtype)
-    # NaN, Inf and overflow are reported by _check_finite from the diagonal, not warned here.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for start in range(0, num_rows, GRAM_ROW_BLOCK):
-            stop = min(num_rows, start + GRAM_ROW_BLOCK)
-            np.matmul(unfolded[start:stop], unfolded[start:].T, out=upper[start:stop, start:])
-    return upper.T
+    """G = Y Yᵀ as a Fortran-ordered array whose lower triangle is set (what LAPACK reads),
+    by one ``?syrk`` in SciPy's BLAS (:func:`.blas.gram`; Y C-ordered is Yᵀ in Fortran
+    order, so nothing is copied)."""
+    # NaN, Inf and overflow are reported by _check_finite from the diagonal.
+    return blas.gram(unfolded.T, triangle="lower")
 
 
 def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
