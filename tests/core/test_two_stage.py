@@ -105,7 +105,8 @@ def test_parallel_bulge_chasing_gives_lapacks_tridiagonal_matrix_bit_for_bit(dty
     # Band widths and sizes around the edges of the sweep schedule: a last sweep of one step,
     # sizes just above the band, groups of sweeps that do not fill, and a real spectrum.
     rng = np.random.default_rng(11)
-    cases = [(n, kd) for n in (4, 5, 9, 66, 67, 131, 300) for kd in (2, 3, 8, 64) if kd + 1 < n]
+    cases = [(n, kd) for n in (4, 5, 9, 66, 67, 131, 300) for kd in (2, 3, 8, 64, 96)
+             if kd + 1 < n]
     for n, kd in cases:
         band = np.asfortranarray(rng.standard_normal((kd + 1, n)).astype(dtype))
         diag, offdiag = two_stage._lapack_tridiagonal(band)
