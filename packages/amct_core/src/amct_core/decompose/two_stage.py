@@ -46,20 +46,26 @@ _SPELLINGS = ("scipy_{}_", "{}_", "{}")
 _BLOCKED = ("geqrt3", "geqrf", "larft", "symm", "syr2k")
 
 
-def _load() -> dict[str, dict[str, object]]:
-    """{'s': {...}, 'd': {...}} from the LAPACK library SciPy uses, or {}: per precision the
-    ctypes functions 'sy2sb' and 'sb2st', 'kernels' (the address of ``?sb2st_kernels``, or
-    None) and 'blocked' (the functions of :data:`_BLOCKED`, or None where one is missing).
+def _library() -> ctypes.CDLL | None:
+    """The LAPACK library SciPy uses, or None.
 
-    The library is found through SciPy's Cython LAPACK module: a symbol lookup in a loaded
-    library also searches the libraries it depends on, and that module depends on the LP64
-    LAPACK SciPy was built with (so the integer width of the arguments is right).
+    It is found through SciPy's Cython LAPACK module: a symbol lookup in a loaded library also
+    searches the libraries it depends on, and that module depends on the LP64 LAPACK SciPy was
+    built with (so the integer width of the arguments is right).
     """
     from scipy.linalg import cython_lapack
 
     try:
-        library = ctypes.CDLL(cython_lapack.__file__)
+        return ctypes.CDLL(cython_lapack.__file__)
     except OSError:  # pragma: no cover - a SciPy whose Cython LAPACK is not a shared object
+        return None
+
+
+def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
+    """{'s': {...}, 'd': {...}} from ``library``, or {}: per precision the ctypes functions
+    'sy2sb' and 'sb2st', 'kernels' (the address of ``?sb2st_kernels``, or None) and 'blocked'
+    (the functions of :data:`_BLOCKED`, or None where one is missing)."""
+    if library is None:  # pragma: no cover
         return {}
 
     def lookup(spelling: str, name: str) -> object | None:
@@ -86,13 +92,9 @@ def _load() -> dict[str, dict[str, object]]:
     return found
 
 
-def _load_thread_control() -> tuple[object, object] | None:
+def _load_thread_control(library: ctypes.CDLL | None) -> tuple[object, object] | None:
     """(get, set) of the thread count of the OpenBLAS SciPy links against, or None."""
-    from scipy.linalg import cython_lapack
-
-    try:
-        library = ctypes.CDLL(cython_lapack.__file__)
-    except OSError:  # pragma: no cover
+    if library is None:  # pragma: no cover
         return None
     for prefix in ("scipy_", ""):
         getter = getattr(library, f"{prefix}openblas_get_num_threads", None)
@@ -107,8 +109,9 @@ def _load_thread_control() -> tuple[object, object] | None:
 
 
 try:
-    _ROUTINES = _load()
-    _THREAD_CONTROL = _load_thread_control()
+    _LIBRARY = _library()
+    _ROUTINES = _load(_LIBRARY)
+    _THREAD_CONTROL = _load_thread_control(_LIBRARY)
 except Exception:  # pragma: no cover - never let an exotic SciPy build break the import
     _ROUTINES = {}
     _THREAD_CONTROL = None
