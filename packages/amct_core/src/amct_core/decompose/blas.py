@@ -67,17 +67,33 @@ def gram(matrix: np.ndarray, triangle: str = "both") -> np.ndarray:
     """
     if triangle not in ("both", "upper", "lower"):
         raise ValueError(f"gram: triangle must be 'both', 'upper' or 'lower', got {triangle!r}")
-    left, trans = _as_fortran(matrix)
-    syrk = get_blas_funcs("syrk", (left,))
-    # syrk(trans=0) is A Aᵀ; with A = op(left) = matrix it is asked for Aᵀ A: trans = 1 on
-    # the stored left (a C-ordered matrix is stored as its transpose, so trans flips). The
-    # result goes into a calloc'ed array: the triangle not asked for stays 0 and, for a large
-    # matrix, its pages are never touched, so it costs no memory (half of a 420 MB Gram).
     size = matrix.shape[1]
-    result = np.zeros((size, size), dtype=left.dtype, order="F")
-    result = syrk(1.0, left, beta=0.0, c=result, trans=0 if trans else 1,
-                  lower=int(triangle == "lower"), overwrite_c=1)
+    result = gram_into(matrix, np.zeros((size, size), dtype=matrix.dtype, order="F"),
+                       lower=triangle == "lower")
     if triangle == "both":
         upper = np.triu(result)
         return np.asfortranarray(upper + np.triu(result, 1).T)
     return result
+
+
+def gram_into(matrix: np.ndarray, out: np.ndarray, beta: float = 0.0,
+              lower: bool = True) -> np.ndarray:
+    """``out ← matrixᵀ @ matrix + beta · out`` in one triangle of ``out`` (lower or upper; the
+    other is left as it is), by one ``?syrk``. ``out`` must be a square Fortran-contiguous
+    array of the dtype of ``matrix``; it is returned.
+    """
+    size = matrix.shape[1]
+    if out.shape != (size, size) or out.dtype != matrix.dtype or not out.flags.f_contiguous:
+        raise ValueError(f"gram_into: out must be a Fortran-contiguous {matrix.dtype} array of "
+                         f"shape {(size, size)}")
+    left, trans = _as_fortran(matrix)
+    syrk = get_blas_funcs("syrk", (left,))
+    # syrk(trans=0) is A Aᵀ; with A = op(left) = matrix it is asked for Aᵀ A: trans = 1 on
+    # the stored left (a C-ordered matrix is stored as its transpose, so trans flips). Given a
+    # calloc'ed ``out``, the triangle not asked for stays 0 and, for a large matrix, its pages
+    # are never touched, so it costs no memory (half of a 420 MB Gram).
+    result = syrk(1.0, left, beta=beta, c=out, trans=0 if trans else 1, lower=int(lower),
+                  overwrite_c=1)
+    if not np.shares_memory(result, out):  # pragma: no cover - f2py always writes in place
+        out[...] = result
+    return out

@@ -29,7 +29,10 @@ s_h² of G (the EVBMF rank rule needs the spectrum) and only the top r eigenvect
   error is within :data:`SUBSPACE_TOLERANCE` (0.1 %) of the optimal error, a bound it checks
   against the exact spectrum. About twice as fast for the large kernels of the seeds.
 
-Memory: the kernel, its unfolding and G, in float32 for large kernels.
+Nor does it copy Y out of the kernel: G and U_rᵀ Y are taken block by block from the kernel
+stored kernel axes first (:mod:`.kernel_blocks`), which a TensorFlow kernel already is.
+
+Memory: the kernel (or that one copy of it) and G, in float32 for large kernels.
 """
 from __future__ import annotations
 
@@ -39,8 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh_tridiagonal, eigvalsh_tridiagonal, get_lapack_funcs
 
-from amct_core.decompose import band_subspace, blas, mrrr, two_stage
+from amct_core.decompose import band_subspace, mrrr, two_stage
 from amct_core.decompose.applicability import DecomposeMode, _pair, select_mode
+from amct_core.decompose.kernel_blocks import KernelBlocks
 from amct_core.decompose.rank import select_rank
 from amct_core.errors import DecompositionError
 from amct_core.logger import get_logger
@@ -115,30 +119,22 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
     return out.reshape(permuted.shape[0] * permuted.shape[1], -1)
 
 
-#: Largest unfolding (bytes) kept in memory from G = Y Yᵀ to the core U_rᵀ Y; a larger one
-#: is rebuilt from the kernel for the core (one more read and copy, about 0.3 s for the
-#: 150 MB of a (2048, 2048, 3, 3) kernel, to keep the peak of the (2048, 2048, 5, 5) one
-#: under 2 GB).
+#: Largest kernel (bytes, in the compute precision) kept in memory from G = Y Yᵀ to the core
+#: U_rᵀ Y; a larger one is dropped while the spectrum is computed and loaded again for the core
+#: (one more read, to keep the peak of a (2048, 2048, 5, 5) kernel under 2 GB).
 KEEP_UNFOLDING_MAX_BYTES = 256 << 20
 
-def _gram(unfolded: np.ndarray) -> np.ndarray:
-    """G = Y Yᵀ as a Fortran-ordered array whose lower triangle is set (what LAPACK reads),
-    by one ``?syrk`` in SciPy's BLAS (:func:`.blas.gram`; Y C-ordered is Yᵀ in Fortran
-    order, so nothing is copied)."""
-    # NaN, Inf and overflow are reported by _check_finite from the diagonal.
-    return blas.gram(unfolded.T, triangle="lower")
 
-
-def _fold(u_r: np.ndarray, core: np.ndarray, weight_shape: Sequence[int],
+def _fold(blocks: KernelBlocks, u_r: np.ndarray, core: np.ndarray,
           mode: DecomposeMode) -> tuple[np.ndarray, np.ndarray]:
-    """Fold U_r (L×r) and the core (r×M) back into the first and last conv kernels."""
-    rows, cols, u_is_first, _ = _LAYOUT[mode]
+    """Fold U_r (L×r) and the core (r×M), in the row and column order of ``blocks``, back
+    into the first and last conv kernels."""
+    u_is_first = _LAYOUT[mode][2]
     rank = u_r.shape[1]
-    shape = tuple(int(v) for v in weight_shape)
     # U_r holds the row axes (a channel axis and a kernel axis); the core the column axes.
-    u_part = u_r.T.reshape(rank, shape[rows[0]], shape[rows[1]])
-    core_part = core.reshape(rank, shape[cols[0]], shape[cols[1]])
-    first_shape, last_shape = factor_shapes(shape, mode, rank)
+    u_part = blocks.fold_rows(u_r)
+    core_part = blocks.fold_columns(core)
+    first_shape, last_shape = factor_shapes(blocks.shape, mode, rank)
     if u_is_first:  # rows = (Cin, k): first[k, i, ...] = U[(i, h), k]
         first = u_part.reshape(first_shape)
         last = core_part.transpose(1, 0, 2).reshape(last_shape)
@@ -302,7 +298,7 @@ def _checked_kernel(weight: np.ndarray) -> np.ndarray:
     return weight
 
 
-def _check_finite(unfolded: np.ndarray, gram: np.ndarray) -> None:
+def _check_finite(blocks: KernelBlocks, gram: np.ndarray) -> None:
     """Refuse a kernel with NaN or Inf values, or whose Gram matrix overflows.
 
     G[i, i] = Σ_j Y[i, j]² is NaN or Inf whenever row i of Y holds one, so the n diagonal
@@ -310,11 +306,11 @@ def _check_finite(unfolded: np.ndarray, gram: np.ndarray) -> None:
     """
     if np.all(np.isfinite(np.diagonal(gram))):
         return
-    if not np.all(np.isfinite(unfolded)):
+    if not blocks.all_finite():
         raise DecompositionError("the kernel contains NaN or Inf values")
-    raise DecompositionError(f"the kernel's values are too large for {unfolded.dtype} (largest "
-                             f"|w| = {float(np.max(np.abs(unfolded))):.3g}): their squared sums "
-                             f"overflow; scale the weights down")
+    raise DecompositionError(f"the kernel's values are too large for {blocks.dtype} (largest "
+                             f"|w| = {blocks.max_abs():.3g}): their squared sums overflow; "
+                             f"scale the weights down")
 
 
 def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: DecomposeMode,
@@ -323,14 +319,13 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
 
     ``weight`` is the kernel, or a function returning it: a plugin whose kernels live on disk
-    (a TensorFlow checkpoint) passes a loader. The unfolding Y is kept for the core U_rᵀ Y
-    when it is at most :data:`KEEP_UNFOLDING_MAX_BYTES`; a larger one is dropped while the
-    spectrum is computed and rebuilt from the kernel, which the loader is then called a second
-    time for (so a kernel on disk is not held meanwhile: peak memory one or two kernel-sized
-    arrays lower). No applicability check: callers use
-    :func:`decompose_conv_weight` for that. The factors are returned in the compute precision
-    (float64 for small kernels, float32 for large ones unless ``compute_dtype`` says
-    otherwise).
+    (a TensorFlow checkpoint) passes a loader. The kernel is kept for the core U_rᵀ Y when it
+    is at most :data:`KEEP_UNFOLDING_MAX_BYTES`; a larger one is dropped while the spectrum is
+    computed and loaded again, the loader called a second time for it (so a kernel on disk is
+    not held meanwhile: peak memory one or two kernel-sized arrays lower). No applicability
+    check: callers use :func:`decompose_conv_weight` for that. The factors are returned in the
+    compute precision (float64 for small kernels, float32 for large ones unless
+    ``compute_dtype`` says otherwise).
     """
     _check_mode(mode)
     load = weight if callable(weight) else None
@@ -338,16 +333,17 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     shape = kernel.shape
     if compute_dtype is None:
         compute_dtype = np.float64 if kernel.size <= FLOAT64_MAX_ELEMENTS else np.float32
-    # Peak memory: the kernel, its unfolding Y and G; a large Y is dropped while the spectrum
-    # is computed and unfolded again for the core U_rᵀ Y.
-    unfolded = unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
-    keep = unfolded.nbytes <= KEEP_UNFOLDING_MAX_BYTES
+    rows, cols, _, _ = _LAYOUT[mode]
+    # Peak memory: the kernel (a copy of it where its layout is not (KH, KW, ·, ·)) and G; a
+    # large kernel is dropped while the spectrum is computed and loaded again for U_rᵀ Y.
+    blocks = KernelBlocks(kernel, rows, cols, compute_dtype)
+    keep = blocks.stored.nbytes <= KEEP_UNFOLDING_MAX_BYTES
     if load is not None:
         del kernel
-    gram = _gram(unfolded)
-    _check_finite(unfolded, gram)
+    gram = blocks.gram()
+    _check_finite(blocks, gram)
     if not keep:
-        del unfolded
+        del blocks
     num_rows = gram.shape[0]
     cout, cin, kh, kw = shape
     evbmf: list[int] = []
@@ -373,11 +369,11 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
             if kernel.shape != shape:
                 raise DecompositionError(f"the kernel loader returned shape {kernel.shape} on "
                                          f"its second call, {shape} on its first")
-        unfolded = unfold_weight(kernel.astype(compute_dtype, copy=False), mode)
+        blocks = KernelBlocks(kernel, rows, cols, compute_dtype)
         del kernel
-    core = blas.matmul(u_r.T, unfolded)
-    del unfolded
-    first, last = _fold(u_r, core, shape, mode)
+    core = blocks.core(u_r)
+    first, last = _fold(blocks, u_r, core, mode)
+    del blocks
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
                              evbmf_rank=evbmf[0] if evbmf else None)
