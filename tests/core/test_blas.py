@@ -80,3 +80,59 @@ def test_gram_is_the_full_symmetric_product(dtype, tol):
             assert not np.any(other(part, -1 if triangle == "upper" else 1))
     with pytest.raises(ValueError, match="triangle must be 'both', 'upper' or 'lower', got 'u'"):
         blas.gram(x, triangle="u")
+
+
+def blocks_of(big: np.ndarray, rows: slice, cols: slice) -> list[np.ndarray]:
+    """The block big[rows, cols] of a Fortran-ordered and of a C-ordered copy of ``big``."""
+    return [np.asfortranarray(big)[rows, cols], np.ascontiguousarray(big)[rows, cols]]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("beta", [0.0, 1.0, -0.5])
+def test_matmul_into_writes_a_block_of_a_larger_matrix(dtype, tol, beta):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((19, 11)).astype(dtype)
+    b = rng.standard_normal((11, 13)).astype(dtype)
+    big = rng.standard_normal((40, 30)).astype(dtype)
+    for left in layouts(a):
+        for right in layouts(b):
+            for block in blocks_of(big, slice(5, 24), slice(7, 20)):
+                before = np.array(block.base if block.base is not None else block)
+                expected_block = 2.0 * (a.astype(np.float64) @ b) + beta * block
+                result = blas.matmul_into(left, right, block, alpha=2.0, beta=beta)
+                assert result is block
+                np.testing.assert_allclose(block, expected_block, rtol=tol, atol=tol * 10)
+                # Nothing outside the block changed.
+                owner = block.base if block.base is not None else block
+                mask = np.ones(owner.shape, dtype=bool)
+                mask[5:24, 7:20] = False
+                np.testing.assert_array_equal(np.asarray(owner)[mask], before[mask])
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("lower", [True, False])
+def test_gram_into_writes_one_triangle_of_a_block(dtype, tol, lower):
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((17, 9)).astype(dtype)
+    expected = matrix.astype(np.float64).T @ matrix
+    pick = np.tril if lower else np.triu
+    other = np.triu if lower else np.tril
+    for source in layouts(matrix):
+        for block in blocks_of(np.full((20, 20), 3.0, dtype=dtype), slice(4, 13), slice(4, 13)):
+            blas.gram_into(source, block, beta=0.5, lower=lower)
+            np.testing.assert_allclose(pick(block), pick(expected + 1.5), rtol=tol, atol=tol)
+            # The other triangle (off its diagonal) keeps its values.
+            np.testing.assert_array_equal(other(block, 1 if lower else -1),
+                                          other(np.full((9, 9), 3.0), 1 if lower else -1))
+
+
+def test_into_functions_reject_bad_shapes_and_strides():
+    a = np.ones((4, 3))
+    with pytest.raises(ValueError, match="do not match"):
+        blas.matmul_into(a, np.ones((4, 2)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="one dtype"):
+        blas.matmul_into(a, np.ones((3, 2), dtype=np.float32), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="unit stride on one axis"):
+        blas.matmul_into(a, np.ones((3, 2)), np.zeros((8, 4))[::2, ::2])
+    with pytest.raises(ValueError, match="gram_into: out must be"):
+        blas.gram_into(a, np.zeros((4, 4)))

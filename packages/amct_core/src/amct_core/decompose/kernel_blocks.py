@@ -86,19 +86,17 @@ class KernelBlocks:
         touched). NaN and Inf in the kernel give NaN or Inf on G's diagonal."""
         size, n = self.row_channels, self.num_rows
         result = np.zeros((n, n), dtype=self.dtype, order="F")
-        diagonal = np.zeros((size, size), dtype=self.dtype, order="F")
-        # Fortran view of a C-ordered product: an off-diagonal block G_aa' = (A_a'b A_abᵀ)ᵀ.
-        scratch = np.empty((size, size), dtype=self.dtype)
+        # Each product lands in its block of G (BLAS with G's leading dimension): no
+        # temporaries, and only the lower triangles of the diagonal blocks are touched.
         for a in range(self.row_kernel):
             rows = slice(a * size, (a + 1) * size)
             for b in range(self.col_kernel):
-                blas.gram_into(self.block(a, b).T, diagonal, beta=float(b > 0))
-            result[rows, rows] = diagonal
+                blas.gram_into(self.block(a, b).T, result[rows, rows], beta=float(b > 0))
             for other in range(a):
                 for b in range(self.col_kernel):
-                    blas.matmul(self.block(other, b), self.block(a, b).T, out=scratch,
-                                beta=float(b > 0))
-                result[rows, other * size:(other + 1) * size] = scratch.T
+                    blas.matmul_into(self.block(a, b), self.block(other, b).T,
+                                     result[rows, other * size:(other + 1) * size],
+                                     beta=float(b > 0))
         return result
 
     def core(self, vectors: np.ndarray) -> np.ndarray:
@@ -109,8 +107,8 @@ class KernelBlocks:
         result = np.empty((self.col_kernel, rank, width), dtype=self.dtype)
         for b in range(self.col_kernel):
             for a in range(self.row_kernel):
-                blas.matmul(vectors[a * size:(a + 1) * size].T, self.block(a, b),
-                            out=result[b], beta=float(a > 0))
+                blas.matmul_into(vectors[a * size:(a + 1) * size].T, self.block(a, b),
+                                 result[b], beta=float(a > 0))
         return np.ascontiguousarray(result.transpose(1, 0, 2)).reshape(rank, -1)
 
     def fold_rows(self, vectors: np.ndarray) -> np.ndarray:

@@ -32,14 +32,10 @@ import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal, solve_triangular
 from scipy.linalg.blas import get_blas_funcs
 
+from amct_core.decompose import blas
+
 _INT = ctypes.c_int
 _LEN = ctypes.c_size_t  # gfortran's hidden length of each CHARACTER argument
-
-
-#: Symbol spellings of a LAPACK routine ``name`` in the LP64 LAPACK libraries SciPy links
-#: against: SciPy's own OpenBLAS build (``scipy_`` prefix), plain gfortran (``name_``) and
-#: libraries without the trailing underscore.
-_SPELLINGS = ("scipy_{}_", "{}_", "{}")
 
 
 #: The routines of the blocked dense-to-band reduction (:func:`reduce_to_band`).
@@ -47,18 +43,8 @@ _BLOCKED = ("geqrt3", "geqrf", "larft", "symm", "syr2k")
 
 
 def _library() -> ctypes.CDLL | None:
-    """The LAPACK library SciPy uses, or None.
-
-    It is found through SciPy's Cython LAPACK module: a symbol lookup in a loaded library also
-    searches the libraries it depends on, and that module depends on the LP64 LAPACK SciPy was
-    built with (so the integer width of the arguments is right).
-    """
-    from scipy.linalg import cython_lapack
-
-    try:
-        return ctypes.CDLL(cython_lapack.__file__)
-    except OSError:  # pragma: no cover - a SciPy whose Cython LAPACK is not a shared object
-        return None
+    """The LAPACK library SciPy uses, or None (:func:`.blas.scipy_library`)."""
+    return blas.scipy_library()
 
 
 def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
@@ -76,7 +62,7 @@ def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
 
     found: dict[str, dict[str, object]] = {}
     for prefix in ("s", "d"):
-        for spelling in _SPELLINGS:
+        for spelling in blas.SPELLINGS:
             sy2sb = lookup(spelling, f"{prefix}sytrd_sy2sb")
             sb2st = lookup(spelling, f"{prefix}sytrd_sb2st")
             if sy2sb is None or sb2st is None:
