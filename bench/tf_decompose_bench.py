@@ -4,7 +4,8 @@ For every shape, a fresh process writes a checkpoint holding one Conv2D of that 
 kernel (KH, KW, Cin, Cout)); then, in another fresh process so that peak RSS is its own,
 ``amct_tensorflow.tensor_decompose.auto_decomposition(meta, ckpt, save)`` runs end to end
 (import the graph, read the kernel, solve, rewrite, restore, save the decomposed checkpoint
-and the change file). A third process times the core solver alone on the same kernel, so the
+and the change file). A third process times the core solver alone on the same kernel, in
+TensorFlow's layout as the plugin passes it, so the
 table shows what the checkpoint I/O and graph work add (goal: less than the solver itself).
 Figures are printed beside the reference TF figures (AMCT on a Xeon E5-2699 v4, 512 GB):
 25, 16, 78, 63 and 430 s, about 32 GB for (2048, 2048, 5, 5).
@@ -25,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decompose_bench import SEED_SHAPES, make_kernel
@@ -84,7 +87,10 @@ def child_decompose(shape: tuple[int, ...], folder: str, out: str) -> None:
 def child_solver(shape: tuple[int, ...], out: str) -> None:
     from amct_core.decompose import decompose_conv_weight
 
-    weight = make_kernel(shape)
+    # The kernel as the plugin hands it over: TensorFlow's (KH, KW, Cin, Cout) array seen as
+    # (Cout, Cin, KH, KW), which the solver reads as it lies.
+    weight = np.transpose(np.ascontiguousarray(make_kernel(shape).transpose(2, 3, 1, 0)),
+                          (3, 2, 0, 1))
     start = time.perf_counter()
     factors = decompose_conv_weight(weight)
     seconds = time.perf_counter() - start

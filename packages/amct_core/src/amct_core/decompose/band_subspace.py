@@ -138,7 +138,11 @@ def _filter(operator: _BandOperator, block: np.ndarray, degree: int, center: flo
             locked: np.ndarray) -> np.ndarray:
     """p_m(P B P)·block, p_m the Chebyshev polynomial on [center ± half_width] scaled to 1 at
     ``anchor`` (three-term recurrence with the scaling of Zhou and Saad, Algorithm 3.1), P the
-    projector onto the complement of the ``locked`` vectors (``block`` is orthogonal to them)."""
+    projector onto the complement of the ``locked`` vectors (``block`` is orthogonal to them).
+
+    The recurrence cycles through ``block`` and the two ``buffers`` (``block`` is overwritten);
+    the result is one of the three.
+    """
     sigma_first = half_width / (anchor - center)
     sigma = sigma_first
     previous, current = block, operator.shifted_step(block, None, center, sigma / half_width,
@@ -150,31 +154,47 @@ def _filter(operator: _BandOperator, block: np.ndarray, degree: int, center: flo
         operator.shifted_step(current, previous, center, 2.0 * sigma_next / half_width,
                               sigma * sigma_next, spare)
         _deflate(spare, locked)
-        recycled = previous if previous is not block else buffers[2]
-        previous, current, spare = current, spare, recycled
+        previous, current, spare = current, spare, previous
         sigma = sigma_next
     return current
 
 
-def _orthonormal_basis(block: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the columns of ``block`` (n × k, C order), in its dtype.
+#: Rows of the block converted to float64 at a time by :func:`_orthonormalise`.
+ORTHO_ROWS = 1024
+
+
+def _orthonormalise(block: np.ndarray) -> np.ndarray:
+    """Replace the columns of ``block`` (n × k, C order) by an orthonormal basis of their span,
+    in place, and return it.
 
     Cholesky QR in float64: R = chol(XᵀX), Q = X R⁻¹, whose loss of orthogonality is about
     ε₆₄·κ(X)², about 10⁻⁴ for the κ ≈ :data:`MAX_GROWTH` the filter allows, then rounded to
     the working precision. Two matrix products instead of a Householder QR, which is half
-    matrix-vector work. The C-ordered X is Xᵀ in Fortran order, so Q comes from the
-    triangular solve Rᵀ Qᵀ = Xᵀ in place, without a transposed copy. Falls back to
-    Householder QR if the Cholesky factorisation fails.
+    matrix-vector work. Both run on :data:`ORTHO_ROWS` rows at a time converted to float64
+    (XᵀX = Σ X_iᵀ X_i, and each row of Q is that row of X times R⁻¹), so no float64 copy of
+    the whole block is made. Falls back to Householder QR if the Cholesky factorisation fails.
     """
-    wide = np.array(block, dtype=np.float64, order="C")
+    n, k = block.shape
+    chunk = np.empty((min(ORTHO_ROWS, n), k), dtype=np.float64)
+    gram = np.zeros((k, k), dtype=np.float64, order="F")
+    for start in range(0, n, ORTHO_ROWS):
+        rows = chunk[:min(ORTHO_ROWS, n - start)]
+        rows[...] = block[start:start + rows.shape[0]]
+        blas.gram_into(rows, gram, beta=1.0, lower=False)
     try:
-        factor = cholesky(blas.gram(wide, triangle="upper"), lower=False, check_finite=False)
+        factor = cholesky(gram, lower=False, check_finite=False)
     except LinAlgError:
-        return np.ascontiguousarray(qr(np.asfortranarray(block), mode="economic",
-                                       overwrite_a=True, check_finite=False)[0])
-    trsm = get_blas_funcs("trsm", (wide,))
-    basis_t = trsm(1.0, factor, wide.T, side=0, lower=0, trans_a=1, overwrite_b=1)
-    return np.ascontiguousarray(basis_t.T, dtype=block.dtype)
+        block[...] = qr(np.asfortranarray(block), mode="economic", overwrite_a=True,
+                        check_finite=False)[0]
+        return block
+    trsm = get_blas_funcs("trsm", (chunk,))
+    for start in range(0, n, ORTHO_ROWS):
+        rows = chunk[:min(ORTHO_ROWS, n - start)]
+        rows[...] = block[start:start + rows.shape[0]]
+        # The C-ordered rows are their transpose in Fortran order: Rᵀ Qᵀ = Xᵀ in place.
+        solved = trsm(1.0, factor, rows.T, side=0, lower=0, trans_a=1, overwrite_b=1)
+        block[start:start + rows.shape[0]] = solved.T
+    return block
 
 
 def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
@@ -239,13 +259,15 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         # The spread bound covers the largest eigenvalue still active (locked ones are
         # deflated).
         degree = _degree(scaled(float(lam[count])), scaled(anchor), dynamic_range)
-        buffers = [np.empty(block.shape, dtype=dtype) for _ in range(3)]
+        buffers = [np.empty(block.shape, dtype=dtype) for _ in range(2)]
         filtered = _filter(operator, block, degree, center, half_width, anchor, buffers,
                            locked)
         _deflate(filtered, locked)  # again: the first pass leaves its own rounding errors
-        basis = _orthonormal_basis(filtered)
+        basis = _orthonormalise(filtered)
+        # The product goes into a buffer the filter no longer needs.
+        spare = next(b for b in [*buffers, block] if b is not basis)
         _deflate(basis, locked)
-        product = operator.shifted_step(basis, None, 0.0, 1.0, 0.0, buffers[0])
+        product = operator.shifted_step(basis, None, 0.0, 1.0, 0.0, spare)
         projected = blas.matmul(basis.T, product)
         projected = (projected + projected.T) * 0.5
         # Divide and conquer on the whole k × k problem is faster than a subset solver here.
