@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +28,7 @@ from amct_core.errors import (
     DecompositionError,
 )
 from amct_core.logger import get_logger
+from amct_tensorflow.tensor_decompose import bundle
 from amct_tensorflow.tensor_decompose.conv_ops import (
     ConvSite,
     conv_sites,
@@ -99,6 +100,16 @@ def _open_checkpoint(ckpt_path: str) -> tf.train.CheckpointReader:
                              f"or not a TensorFlow checkpoint") from None
 
 
+def _op_error_reason(error: tf.errors.OpError) -> str:
+    """The line of a TensorFlow op error that says what went wrong (not where)."""
+    for line in str(error.message).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Graph execution error", "Detected at node",
+                                         "Node:", "[[", "File ")):
+            return line
+    return _first_line(error)
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -130,9 +141,29 @@ def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+def _tensor_reader(reader: tf.train.CheckpointReader,
+                   ckpt_path: str) -> Callable[[str], np.ndarray]:
+    """A function reading a checkpoint tensor: mapped from the data file where
+    :mod:`.bundle` can (no copy), else through ``reader``."""
+    index = bundle.read_index(ckpt_path)
+
+    def read(name: str) -> np.ndarray:
+        mapped = bundle.map_tensor(ckpt_path, index, name)
+        if mapped is not None:
+            return mapped
+        try:
+            return reader.get_tensor(name)
+        except tf.errors.OpError as error:
+            raise AmctValueError(f"auto_decomposition: cannot read tensor '{name}' of "
+                                 f"checkpoint '{ckpt_path}' ({_op_error_reason(error)}); the "
+                                 f"checkpoint is damaged") from None
+
+    return read
+
+
 def _decompose_group(kernel: str, group: Sequence[ConvSite],
-                     reader: tf.train.CheckpointReader, logger
-                     ) -> list[tuple[ConvChange, np.ndarray, np.ndarray]]:
+                     reader: tf.train.CheckpointReader, read: Callable[[str], np.ndarray],
+                     logger) -> list[tuple[ConvChange, np.ndarray, np.ndarray]]:
     """Factor one kernel variable shared by ``group`` (usually a single conv)."""
     for site in group:
         reason = site.unchanged_reason()
@@ -143,7 +174,7 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
         logger.warning("Kernel '%s' of conv '%s' is not in the checkpoint, ignored.", kernel,
                        group[0].name)
         return []
-    value = reader.get_tensor(kernel)
+    value = read(kernel)
     if value.dtype not in (np.float16, np.float32, np.float64):
         logger.warning("Unsupported data type %s of layer '%s', ignored.", value.dtype,
                        group[0].name)
@@ -161,7 +192,7 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
     del value
 
     def load_kernel() -> np.ndarray:
-        return hwio_to_oihw(pending.pop() if pending else reader.get_tensor(kernel))
+        return hwio_to_oihw(pending.pop() if pending else read(kernel))
 
     try:
         factors = factorize_kernel(load_kernel, mode)
@@ -186,6 +217,7 @@ def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path:
           new_variables: dict[str, tf.Variable], save_path: str, logger) -> None:
     """Restore the original variables, set the factors, and save the decomposed model."""
     save_dir = os.path.dirname(os.path.abspath(save_path))
+    created = not os.path.isdir(save_dir)
     os.makedirs(save_dir, exist_ok=True)
     base = os.path.basename(save_path)
     with graph.as_default():
@@ -206,7 +238,14 @@ def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path:
     try:
         with tf.compat.v1.Session(graph=graph) as session:
             if restorer is not None:
-                restorer.restore(session, ckpt_path)
+                try:
+                    restorer.restore(session, ckpt_path)
+                except tf.errors.OpError as error:
+                    # TensorFlow checks every tensor's CRC here, the mapped kernel's too.
+                    raise AmctValueError(
+                        f"auto_decomposition: cannot restore the variables of checkpoint "
+                        f"'{ckpt_path}' ({_op_error_reason(error)}); the checkpoint is "
+                        f"damaged") from None
             if init_missing is not None:
                 session.run(init_missing)
             for name, variable in new_variables.items():
@@ -215,8 +254,12 @@ def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path:
                        write_state=False)
         for name in sorted(os.listdir(staging)):
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not os.listdir(save_dir):
+            os.rmdir(save_dir)  # leave no trace of a failed run
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     tf.compat.v1.train.update_checkpoint_state(save_dir, save_path, [save_path])
 
 
@@ -251,8 +294,9 @@ def auto_decomposition(meta_path: str | os.PathLike, ckpt_path: str | os.PathLik
         groups.setdefault(site.kernel, []).append(site)
     changes: list[ConvChange] = []
     new_values: dict[str, np.ndarray] = {}
+    read = _tensor_reader(reader, ckpt_path)
     for kernel, group in groups.items():
-        for change, first, last in _decompose_group(kernel, group, reader, logger):
+        for change, first, last in _decompose_group(kernel, group, reader, read, logger):
             changes.append(change)
             new_values[change.first.variable] = first
             new_values[change.last.variable] = last
