@@ -97,3 +97,24 @@ def test_a_damaged_kernel_is_caught_before_anything_is_written(tmp_path):
                                              "'.*model-7' \\(.*Checksum does not match"):
         auto_decomposition(meta, ckpt, str(tmp_path / "out" / "model"))
     assert not (tmp_path / "out").exists()
+
+
+def test_many_tensors_over_two_shards(tmp_path):
+    # Enough entries for several blocks in the index table, on two devices: a sharded save.
+    rng = np.random.default_rng(1)
+    values = {f"layer_{i:03d}/a_long_scope_name/kernel": rng.standard_normal((3, 5)).astype(
+        np.float32) for i in range(300)}
+    graph = tf.Graph()
+    with graph.as_default():
+        for i, (name, value) in enumerate(values.items()):
+            with tf.device(f"/cpu:{i % 2}"):
+                tf1.Variable(value, name=name)
+        saver = tf1.train.Saver(sharded=True)
+        with tf1.Session(config=tf1.ConfigProto(device_count={"CPU": 2})) as session:
+            session.run(tf1.global_variables_initializer())
+            prefix = saver.save(session, str(tmp_path / "sharded"))
+    index = bundle.read_index(prefix)
+    assert index[""].num_shards == 2
+    assert {entry.shard_id for name, entry in index.items() if name} == {0, 1}
+    for name, value in values.items():
+        np.testing.assert_array_equal(bundle.map_tensor(prefix, index, name), value)
