@@ -70,3 +70,13 @@ def test_a_kernel_in_another_precision_is_copied():
 def test_rows_and_columns_must_pair_a_channel_with_a_kernel_axis():
     with pytest.raises(ValueError, match="must each pair a channel axis with a kernel axis"):
         KernelBlocks(np.zeros((2, 2, 3, 3)), (0, 1), (2, 3), np.float64)
+
+
+def test_the_copy_is_made_tile_by_tile(monkeypatch):
+    from amct_core.decompose import kernel_blocks
+
+    monkeypatch.setattr(kernel_blocks, "COPY_TILE", 2)
+    weight = np.random.default_rng(5).standard_normal((7, 4, 3, 5)).astype(np.float32)
+    blocks = _blocks(weight, DecomposeMode.FCSK, np.float64)
+    assert blocks.stored.dtype == np.float64 and blocks.stored.flags.c_contiguous
+    np.testing.assert_array_equal(blocks.stored, weight.transpose(2, 3, 0, 1))
