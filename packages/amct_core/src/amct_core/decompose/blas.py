@@ -81,12 +81,14 @@ def _scalar(dtype: np.dtype, value: float) -> ctypes._SimpleCData:
     return ctypes.c_double(value) if dtype == np.float64 else ctypes.c_float(value)
 
 
-def _prefix(dtype: np.dtype) -> str:
+def routine_prefix(dtype: np.dtype | type) -> str:
+    """The BLAS/LAPACK precision letter of ``dtype``: "s" (float32) or "d" (float64)."""
+    dtype = np.dtype(dtype)
     if dtype == np.float32:
         return "s"
     if dtype == np.float64:
         return "d"
-    raise ValueError(f"needs float32 or float64 arrays, got {dtype}")
+    raise TypeError(f"BLAS and LAPACK routines here need float32 or float64, got {dtype}")
 
 
 def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float = 1.0,
@@ -108,7 +110,7 @@ def matmul_into(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float = 1.
         raise ValueError("matmul_into: out needs a unit stride on one axis")
     if _layout(out)[1]:  # C layout: compute outᵀ = bᵀ aᵀ in Fortran layout
         a, b, out = b.T, a.T, out.T
-    gemm = _routine(_prefix(dtype) + "gemm")
+    gemm = _routine(routine_prefix(dtype) + "gemm")
     if gemm is None:  # pragma: no cover - SciPy's library always exports ?gemm
         out[...] = alpha * (a @ b) + (beta * out if beta else 0.0)
         return result
@@ -213,7 +215,7 @@ def gram_into(matrix: np.ndarray, out: np.ndarray, beta: float = 0.0,
     result = out
     if _layout(out)[1]:  # C layout: outᵀ is the same symmetric matrix, other triangle
         out, lower = out.T, not lower
-    syrk = _routine(_prefix(out.dtype) + "syrk")
+    syrk = _routine(routine_prefix(out.dtype) + "syrk")
     if syrk is None:  # pragma: no cover - SciPy's library always exports ?syrk
         full = matrix.T @ matrix
         mask = np.tril(np.ones((size, size), dtype=bool)) if lower else \

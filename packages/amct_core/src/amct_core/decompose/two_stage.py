@@ -149,12 +149,7 @@ def bulge_threads(dtype: np.dtype | type = np.float32) -> int:
     return max(1, min(BULGE_THREADS, _usable_cpus()))
 
 
-def _prefix(dtype: np.dtype) -> str:
-    if dtype == np.float32:
-        return "s"
-    if dtype == np.float64:
-        return "d"
-    raise TypeError(f"two-stage reduction needs float32 or float64, got {dtype}")
+_prefix = blas.routine_prefix
 
 
 def available(dtype: np.dtype | type = np.float32) -> bool:
