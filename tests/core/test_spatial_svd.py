@@ -111,10 +111,10 @@ def test_non_finite_weights_are_refused(bad):
 
 @pytest.mark.parametrize("keep_bytes", [None, 0])
 def test_non_finite_weights_are_refused_before_any_solve(monkeypatch, keep_bytes):
-    # Also through a loader and when the unfolding is not kept; and a float32 kernel whose
+    # Also through a loader and when the kernel is not kept; and a float32 kernel whose
     # squares overflow (finite values, infinite Gram matrix) is refused with its own message.
     if keep_bytes is not None:
-        monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", keep_bytes)
+        monkeypatch.setattr(spatial_svd_module, "KEEP_KERNEL_MAX_BYTES", keep_bytes)
     monkeypatch.setattr(spatial_svd_module, "_gram_spectrum_and_top_vectors",
                         lambda *args: pytest.fail("solved a kernel it should refuse"))
     weight = kernel((128, 128, 3, 3)).astype(np.float32)
@@ -268,10 +268,10 @@ def test_mrrr_top_eigenvectors_match_a_dense_solver(n, rank):
 
 @pytest.mark.parametrize("keep_bytes, loads", [(None, 1), (0, 2)])
 def test_kernel_loader_gives_the_same_factors(monkeypatch, keep_bytes, loads):
-    # A small unfolding is kept for the core (one load); above KEEP_UNFOLDING_MAX_BYTES it is
-    # rebuilt from a second load.
+    # A small kernel is kept for the core (one load); above KEEP_KERNEL_MAX_BYTES it is
+    # dropped and loaded a second time.
     if keep_bytes is not None:
-        monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", keep_bytes)
+        monkeypatch.setattr(spatial_svd_module, "KEEP_KERNEL_MAX_BYTES", keep_bytes)
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((64, 96, 3, 3))
     calls = []
@@ -289,7 +289,7 @@ def test_kernel_loader_gives_the_same_factors(monkeypatch, keep_bytes, loads):
 
 
 def test_kernel_loader_must_return_the_same_shape(monkeypatch):
-    monkeypatch.setattr(spatial_svd_module, "KEEP_UNFOLDING_MAX_BYTES", 0)
+    monkeypatch.setattr(spatial_svd_module, "KEEP_KERNEL_MAX_BYTES", 0)
     shapes = iter([(64, 64, 3, 3), (64, 64, 3, 5)])
 
     def load():

@@ -122,7 +122,7 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
 #: Largest kernel (bytes, in the compute precision) kept in memory from G = Y Yᵀ to the core
 #: U_rᵀ Y; a larger one is dropped while the spectrum is computed and loaded again for the core
 #: (one more read, to keep the peak of a (2048, 2048, 5, 5) kernel under 2 GB).
-KEEP_UNFOLDING_MAX_BYTES = 256 << 20
+KEEP_KERNEL_MAX_BYTES = 256 << 20
 
 
 def _fold(blocks: KernelBlocks, u_r: np.ndarray, core: np.ndarray,
@@ -320,7 +320,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
 
     ``weight`` is the kernel, or a function returning it: a plugin whose kernels live on disk
     (a TensorFlow checkpoint) passes a loader. The kernel is kept for the core U_rᵀ Y when it
-    is at most :data:`KEEP_UNFOLDING_MAX_BYTES`; a larger one is dropped while the spectrum is
+    is at most :data:`KEEP_KERNEL_MAX_BYTES`; a larger one is dropped while the spectrum is
     computed and loaded again, the loader called a second time for it (so a kernel on disk is
     not held meanwhile: peak memory one or two kernel-sized arrays lower). No applicability
     check: callers use :func:`decompose_conv_weight` for that. The factors are returned in the
@@ -337,7 +337,7 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     # Peak memory: the kernel (a copy of it where its layout is not (KH, KW, ·, ·)) and G; a
     # large kernel is dropped while the spectrum is computed and loaded again for U_rᵀ Y.
     blocks = KernelBlocks(kernel, rows, cols, compute_dtype)
-    keep = blocks.stored.nbytes <= KEEP_UNFOLDING_MAX_BYTES
+    keep = blocks.stored.nbytes <= KEEP_KERNEL_MAX_BYTES
     if load is not None:
         del kernel
     gram = blocks.gram()

@@ -185,9 +185,9 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
     mode = group[0].mode()
     if mode == DecomposeMode.UNCHANGE:
         return []
-    # The solver asks for the kernel once, or for a kernel too large to keep its unfolding a
-    # second time for the core (not holding it in between): the first call gets the array
-    # read above, a second one reads it again.
+    # The solver asks for the kernel once, or for a kernel too large to keep a second time
+    # for the core (not holding it in between): the first call gets the array read above, a
+    # second one reads it again.
     pending = [value]
     del value
 
