@@ -298,3 +298,19 @@ def test_kernel_loader_must_return_the_same_shape(monkeypatch):
     with pytest.raises(DecompositionError, match="returned shape \\(64, 64, 3, 5\\) on its "
                                                  "second call"):
         factorize_kernel(load, DecomposeMode.SCFK)
+
+
+@pytest.mark.parametrize("mode", list(SHAPES))
+def test_a_tensorflow_layout_kernel_gives_the_same_decomposition(mode):
+    # A (KH, KW, Cin, Cout) kernel seen as (Cout, Cin, KH, KW) is read where it lies, an OIHW
+    # one is copied: the two solves agree up to float32 rounding (the signs of the singular
+    # vectors may differ, so the composed kernels are compared).
+    oihw = kernel(SHAPES[mode], seed=3, dtype=np.float32)
+    hwio_view = np.transpose(np.ascontiguousarray(oihw.transpose(2, 3, 1, 0)), (3, 2, 0, 1))
+    copied = factorize_kernel(oihw, mode, compute_dtype=np.float32)
+    in_place = factorize_kernel(hwio_view, mode, compute_dtype=np.float32)
+    assert in_place.rank == copied.rank
+    np.testing.assert_allclose(in_place.singular_values, copied.singular_values, rtol=1e-4)
+    scale = np.max(np.abs(oihw))
+    np.testing.assert_allclose(compose(in_place.first, in_place.last),
+                               compose(copied.first, copied.last), atol=1e-4 * scale)
