@@ -70,6 +70,8 @@ def test_a_kernel_in_another_precision_is_copied():
 def test_rows_and_columns_must_pair_a_channel_with_a_kernel_axis():
     with pytest.raises(ValueError, match="must each pair a channel axis with a kernel axis"):
         KernelBlocks(np.zeros((2, 2, 3, 3)), (0, 1), (2, 3), np.float64)
+    with pytest.raises(ValueError, match="must each pair a channel axis with a kernel axis"):
+        KernelBlocks(np.zeros((2, 2, 3, 3)), (0, 2), (3, 1), np.float64)
 
 
 def test_the_copy_is_made_tile_by_tile(monkeypatch):

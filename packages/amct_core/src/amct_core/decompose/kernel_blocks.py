@@ -48,6 +48,7 @@ class KernelBlocks:
         if kernel.ndim != 4:
             raise ValueError(f"a conv kernel must be 4-D, got shape {kernel.shape}")
         if row_axes[0] not in _CHANNEL_AXES or row_axes[1] not in _KERNEL_AXES \
+                or col_axes[0] not in _CHANNEL_AXES or col_axes[1] not in _KERNEL_AXES \
                 or sorted(row_axes + col_axes) != [0, 1, 2, 3]:
             raise ValueError(f"rows {row_axes} and columns {col_axes} must each pair a "
                              f"channel axis with a kernel axis")
@@ -57,7 +58,7 @@ class KernelBlocks:
             self.stored, self._stored_io = hwio, True
         else:
             # (KH, KW, Cout, Cin), a tile of output channels at a time: each tile's reads
-            # stay in cache (one transposing copy of the whole kernel is 2-8 times slower).
+            # stay in cache (one transposing copy of the whole kernel takes up to twice as long).
             self.stored = np.empty(kernel.shape[2:] + kernel.shape[:2], dtype=dtype)
             for start in range(0, kernel.shape[0], COPY_TILE):
                 self.stored[:, :, start:start + COPY_TILE] = \
