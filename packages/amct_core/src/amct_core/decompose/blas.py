@@ -6,10 +6,10 @@ stages (band reduction, eigensolvers, triangular solves) run in SciPy's library;
 product right after one of them shares the cores with SciPy's spinning threads and runs up to
 half as fast (a 1536² product: 39 ms after another numpy product, 72 ms right after a SciPy
 one, on two cores). So the solver's large products go through SciPy's ``?gemm`` and ``?syrk``
-too, on the arrays as they lie (a C-ordered matrix is the transpose of a Fortran-ordered one),
-without copies. :func:`matmul_into` and :func:`gram_into` write into a block of a larger
-matrix in place (``?gemm`` and ``?syrk`` called through ``ctypes`` with the leading dimension
-of that matrix), so a product lands where it belongs without a temporary array.
+too (called through ``ctypes``), on the arrays as they lie (a C-ordered matrix is the
+transpose of a Fortran-ordered one), without copies. :func:`matmul_into` and
+:func:`gram_into` also write into a block of a larger matrix in place, with the leading
+dimension of that matrix, so a product lands where it belongs without a temporary array.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import ctypes
 import functools
 
 import numpy as np
-from scipy.linalg.blas import get_blas_funcs
 
 #: Symbol spellings of a BLAS or LAPACK routine ``name`` in the LP64 libraries SciPy links
 #: against: SciPy's own OpenBLAS build (``scipy_`` prefix), plain gfortran (``name_``) and
@@ -139,45 +138,28 @@ def _operand(matrix: np.ndarray) -> tuple[np.ndarray, tuple[int, bool]]:
     return matrix, layout
 
 
-def _as_fortran(matrix: np.ndarray) -> tuple[np.ndarray, int]:
-    """(F, trans) with op(F) = ``matrix``, F Fortran-contiguous: ``matrix`` itself, or the
-    transpose of a C-contiguous one with trans = 1 (a copy only for other layouts)."""
-    if matrix.flags.f_contiguous:
-        return matrix, 0
-    if matrix.flags.c_contiguous:
-        return matrix.T, 1
-    return np.asfortranarray(matrix), 0
-
-
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, alpha: float = 1.0,
            beta: float = 0.0) -> np.ndarray:
     """``alpha · a @ b + beta · out`` for 2-D float32/float64 arrays of one dtype, as a
     C-ordered array (``out`` when given, updated in place; it must be C-contiguous).
 
-    Computed as its transpose, (a b)ᵀ = bᵀ aᵀ, in Fortran order, so C-ordered operands and
-    result need no copies.
+    Computed by :func:`matmul_into` as its transpose, (a b)ᵀ = bᵀ aᵀ, in Fortran order, so
+    C-ordered operands and result need no copies.
     """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not multiply")
     if a.dtype != b.dtype or a.dtype not in (np.float32, np.float64):
         raise ValueError(f"matmul: needs two float32 or two float64 arrays, got {a.dtype} and "
                          f"{b.dtype}")
-    left, trans_left = _as_fortran(b.T)
-    right, trans_right = _as_fortran(a.T)
-    gemm = get_blas_funcs("gemm", (left,))
+    shape = (a.shape[0], b.shape[1])
     if out is None:
         if beta:
             raise ValueError("matmul: beta needs out")
-        return gemm(alpha, left, right, trans_a=trans_left, trans_b=trans_right).T
-    if out.shape != (a.shape[0], b.shape[1]) or out.dtype != a.dtype \
-            or not out.flags.c_contiguous:
+        out = np.empty(shape, dtype=a.dtype)
+    elif out.shape != shape or out.dtype != a.dtype or not out.flags.c_contiguous:
         raise ValueError(f"matmul: out must be a C-contiguous {a.dtype} array of shape "
-                         f"{(a.shape[0], b.shape[1])}")
-    result = gemm(alpha, left, right, beta=beta, c=out.T, trans_a=trans_left,
-                  trans_b=trans_right, overwrite_c=1)
-    if not np.shares_memory(result, out):  # pragma: no cover - f2py always writes in place
-        out[...] = result.T
-    return out
+                         f"{shape}")
+    return matmul_into(a, b, out, alpha=alpha, beta=beta)
 
 
 def gram(matrix: np.ndarray, triangle: str = "both") -> np.ndarray:

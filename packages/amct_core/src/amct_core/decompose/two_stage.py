@@ -42,11 +42,6 @@ _LEN = ctypes.c_size_t  # gfortran's hidden length of each CHARACTER argument
 _BLOCKED = ("geqrt3", "geqrf", "larft", "symm", "syr2k")
 
 
-def _library() -> ctypes.CDLL | None:
-    """The LAPACK library SciPy uses, or None (:func:`.blas.scipy_library`)."""
-    return blas.scipy_library()
-
-
 def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
     """{'s': {...}, 'd': {...}} from ``library``, or {}: per precision the ctypes functions
     'sy2sb' and 'sb2st', 'kernels' (the address of ``?sb2st_kernels``, or None) and 'blocked'
@@ -95,7 +90,7 @@ def _load_thread_control(library: ctypes.CDLL | None) -> tuple[object, object] |
 
 
 try:
-    _LIBRARY = _library()
+    _LIBRARY = blas.scipy_library()
     _ROUTINES = _load(_LIBRARY)
     _THREAD_CONTROL = _load_thread_control(_LIBRARY)
 except Exception:  # pragma: no cover - never let an exotic SciPy build break the import
