@@ -177,10 +177,13 @@ def test_band_operator_product_equals_the_dense_band():
     g = gram_of(patches(10, 800), np.float64)
     band, _ = two_stage.reduce_to_band(g, 12)
     x = np.random.default_rng(1).standard_normal((band.shape[1], 7))
-    operator = band_subspace._BandOperator(band, np.float64)
-    out = operator.shifted_step(x, x, 2.5, 0.5, 0.25, np.empty_like(x))
+    previous = np.random.default_rng(2).standard_normal(x.shape)
+    operator = band_subspace._BandOperator(band, np.float64, shift=2.5)
     dense = dense_band(band)
-    np.testing.assert_allclose(out, 0.5 * (dense @ x - 2.5 * x) - 0.25 * x, atol=1e-8)
+    # In place over the block two steps back, as the Chebyshev recurrence uses it.
+    out = operator.step(x, 0.5, previous.copy(), beta=-0.25)
+    np.testing.assert_allclose(out, 0.5 * (dense @ x - 2.5 * x) - 0.25 * previous, atol=1e-8)
+    np.testing.assert_allclose(operator.product(x, np.empty_like(x)), dense @ x, atol=1e-8)
 
 
 def excess_of(vectors: np.ndarray, gram: np.ndarray, rank: int) -> float:
