@@ -297,7 +297,11 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
             locked = np.concatenate([locked, vectors[:, :newly]], axis=1)
             locked_ritz = np.concatenate([locked_ritz, ritz[:newly]])
         block = np.ascontiguousarray(vectors[:, max(newly, 0):])
-    active = blas.matmul(basis, rotation[:, :max(rank - locked.shape[1], 0)])
+    # The product B·Q is no longer needed: the Ritz vectors go into its buffer (no new n × r
+    # array while the basis is still held).
+    width = max(rank - locked.shape[1], 0)
+    active = blas.matmul(basis, rotation[:, :width],
+                         out=spare.reshape(-1)[:n * width].reshape(n, width))
     if not locked.shape[1]:  # nothing locked: the r Ritz vectors of one basis as they are
         vectors = active
     else:
