@@ -127,9 +127,53 @@ def test_parallel_bulge_chasing_is_the_default_and_checks_its_arguments():
                                                       two_stage._usable_cpus())
     chase = two_stage._bulge_chasing.chase
     with pytest.raises(ValueError, match="null address"):
-        chase(0, 4, 10, 3, 1, 7, 1, 1, 1, 16, 2)
+        chase(1, 4, 10, 3, 0, 7, 1, 1, 1, 16, 2)
+    with pytest.raises(ValueError, match="no kernels address"):
+        chase(0, 8, 10, 3, 1, 7, 1, 1, 1, 16, 2)  # no fused float64 kernels
     with pytest.raises(ValueError, match="kd >= 2"):
         chase(1, 4, 10, 1, 1, 3, 1, 1, 1, 16, 2)
+
+
+needs_fused_chase = pytest.mark.skipif(
+    not two_stage.fused_chase(np.float32),
+    reason="the fused float32 kernels need the C extension and a CPU with AVX-512")
+
+
+@needs_fused_chase
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_bulge_chasing_keeps_the_spectrum_on_any_thread_count(threads):
+    # The same edge cases of the sweep schedule as LAPACK's kernels above; band widths that
+    # are and are not multiples of the four columns and sixteen rows the kernels take at once.
+    rng = np.random.default_rng(12)
+    cases = [(n, kd) for n in (4, 5, 9, 66, 67, 131, 300) for kd in (2, 3, 5, 8, 21, 64, 96)
+             if kd + 1 < n]
+    for n, kd in cases:
+        band = np.asfortranarray(rng.standard_normal((kd + 1, n)).astype(np.float32))
+        kept = band.copy()
+        diag, offdiag = two_stage._parallel_tridiagonal(band, threads, fused=True)
+        np.testing.assert_array_equal(band, kept)
+        one_diag, one_offdiag = two_stage._parallel_tridiagonal(band, 1, fused=True)
+        assert np.array_equal(diag, one_diag) and np.array_equal(offdiag, one_offdiag), (n, kd)
+        values = np.linalg.eigvalsh(np.diag(diag.astype(np.float64))
+                                    + np.diag(offdiag.astype(np.float64), -1))
+        expected = np.linalg.eigvalsh(dense_band(band.astype(np.float64)))
+        np.testing.assert_allclose(values, expected, atol=2e-6 * np.abs(expected).max()
+                                   * np.sqrt(n), err_msg=f"n={n}, kd={kd}")
+        lapack_diag, _ = two_stage._lapack_tridiagonal(band)
+        np.testing.assert_allclose(diag.sum(), lapack_diag.sum(), rtol=1e-4)  # trace
+
+
+@needs_fused_chase
+def test_fused_bulge_chasing_is_the_float32_default_on_a_real_spectrum():
+    g = gram_of(patches(16, 2000), np.float64)
+    band, _ = two_stage.reduce_to_band(np.asfortranarray(g.astype(np.float32)), 64)
+    diag, offdiag = two_stage._parallel_tridiagonal(band, 1, fused=True)
+    values = two_stage.band_eigenvalues(band)
+    from scipy.linalg import eigvalsh_tridiagonal
+    np.testing.assert_array_equal(values, np.sort(eigvalsh_tridiagonal(
+        diag, offdiag, lapack_driver="sterf").astype(np.float64)))
+    expected = np.linalg.eigvalsh(g)
+    np.testing.assert_allclose(values, expected, atol=2e-5 * expected[-1])
 
 
 def test_bulge_chasing_runs_scipys_blas_on_one_thread_and_restores_it(monkeypatch):

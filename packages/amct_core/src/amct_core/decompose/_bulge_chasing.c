@@ -4,11 +4,13 @@
  *
  * LAPACK's ?sytrd_sb2st runs its sweeps in parallel only when LAPACK is built with OpenMP,
  * which the OpenBLAS in SciPy's wheels is not, so there it runs on one core while the other
- * waits. This module schedules the same work on POSIX threads. It does no arithmetic of its
- * own: every step is a call of LAPACK's ?sb2st_kernels (found by the Python side in the
- * library SciPy links against and passed here as an address), with the arguments, the working
- * layout and the per-sweep order of ?sytrd_sb2st, so the tridiagonal matrix is the one LAPACK
- * computes, bit for bit.
+ * waits. This module schedules the same work on POSIX threads. Each step is either a call of
+ * LAPACK's ?sb2st_kernels (found by the Python side in the library SciPy links against and
+ * passed here as an address), with the arguments, the working layout and the per-sweep order
+ * of ?sytrd_sb2st, so that the tridiagonal matrix is the one LAPACK computes, bit for bit; or,
+ * for float32 on a CPU with AVX-512 (address 0), a call of the fused kernels below, which do
+ * the same transformations twice as fast and round differently (the same result on any
+ * number of threads).
  *
  * The schedule (Haidar, Ltaief, Dongarra, "Parallel reduction to condensed forms for symmetric
  * eigenvalue problems using aggregated fine-grained and memory-aware kernels", SC 2011):
@@ -30,6 +32,7 @@
 #include <Python.h>
 
 #include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -75,6 +78,261 @@ typedef struct {
     char *a, *v, *tau, *work;  /* work: this thread's scratch */
 } chase_job;
 
+/* ---- The float32 kernels, fused ------------------------------------------------------
+ *
+ * LAPACK's ?sb2st_kernels spends a step in about ten level-2 BLAS calls on blocks of kd x kd
+ * (symv, syr2, two gemv, two ger, nrm2, scal ...), each a full pass over its block with the
+ * call overhead of OpenBLAS; for kd = 96 that is about 6.7 us a step. The functions below do
+ * the same arithmetic in four passes over the two blocks a step touches (two of them reads),
+ * each loop vectorised for the CPU at hand (target_clones): the x = C v of the right
+ * application is one pass, and the right update, the dot products of the left reflector and
+ * the left update are one pass per column. Same transformations as LAPACK's kernels, rounded
+ * differently (the reflector norms are summed in double).
+ *
+ * The working band is column-major with leading dimension lda; with ld = lda - 1 it is a
+ * dense column-major view of the symmetric matrix (lower part): element (i, j), 1-based, is
+ * at a[(i - j) + (j - 1) lda] = a[(j - 1) lda + (i - j)], so column j starts at
+ * a + (j - 1) lda with its diagonal and runs down contiguously, and the next column is ld
+ * entries further on than the element beside it. */
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define AMCT_FUSED 1
+#define AMCT_AVX512 __attribute__((target("avx512f")))
+
+/* LAPACK ?larfg: the reflector H = I - tau (1; x')(1; x')^T with H (alpha; x) = (beta; 0);
+ * alpha is replaced by beta and x by x'. */
+static void larfg_s(int m, float *alpha, float *x, float *tau) {
+    double squares = 0.0;
+    for (int i = 0; i < m - 1; ++i) squares += (double)x[i] * (double)x[i];
+    if (m <= 1 || squares == 0.0) {
+        *tau = 0.0f;
+        return;
+    }
+    const double a = *alpha;
+    const double beta = -copysign(sqrt(a * a + squares), a);
+    const float scale = (float)(1.0 / (a - beta));
+    *tau = (float)((beta - a) / beta);
+    for (int i = 0; i < m - 1; ++i) x[i] *= scale;
+    *alpha = (float)beta;
+}
+
+/* The lanes of rows i .. i + 15 that are below row `end`. */
+AMCT_AVX512 static inline __mmask16 rows_below(int i, int end) {
+    const int count = end - i;
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+}
+
+/* (sum of t0, sum of t1, sum of t2, sum of t3): the four horizontal sums together. */
+AMCT_AVX512 static inline __m128 sum4(__m512 t0, __m512 t1, __m512 t2, __m512 t3) {
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(t0, t1), _mm512_unpackhi_ps(t0, t1));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(t2, t3), _mm512_unpackhi_ps(t2, t3));
+    /* each 128-bit lane: (t0, t1, t2, t3) partial sums */
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44),
+                                   _mm512_shuffle_ps(s01, s23, 0xEE));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* LAPACK ?larfy, lower: the m x m symmetric block A (lower triangle, leading dimension ld)
+ * becomes H A H, H = I - tau v v^T: w = A v, w -= (tau/2)(w.v) v, A -= tau (v w^T + w v^T).
+ * The product A v takes four columns at a time below their 4 x 4 diagonal block: their dot
+ * products with v and their contributions to w in one pass over the rows. */
+AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int ld,
+                                float *w) {
+    if (tau == 0.0f) return;
+    for (int i = 0; i < m; ++i) w[i] = 0.0f;
+    int j = 0;
+    for (; j + 4 <= m; j += 4) {
+        const float *c0 = A + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
+        const float v0 = v[j], v1 = v[j + 1], v2 = v[j + 2], v3 = v[j + 3];
+        /* the diagonal block (lower triangle of rows and columns j .. j + 3) */
+        float d0 = c0[j] * v0 + c0[j + 1] * v1 + c0[j + 2] * v2 + c0[j + 3] * v3;
+        float d1 = c0[j + 1] * v0 + c1[j + 1] * v1 + c1[j + 2] * v2 + c1[j + 3] * v3;
+        float d2 = c0[j + 2] * v0 + c1[j + 2] * v1 + c2[j + 2] * v2 + c2[j + 3] * v3;
+        float d3 = c0[j + 3] * v0 + c1[j + 3] * v1 + c2[j + 3] * v2 + c3[j + 3] * v3;
+        const __m512 b0 = _mm512_set1_ps(v0), b1 = _mm512_set1_ps(v1),
+                     b2 = _mm512_set1_ps(v2), b3 = _mm512_set1_ps(v3);
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+        for (int i = j + 4; i < m; i += 16) {
+            const __mmask16 k = rows_below(i, m);
+            const __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
+            const __m512 x0 = _mm512_maskz_loadu_ps(k, c0 + i);
+            const __m512 x1 = _mm512_maskz_loadu_ps(k, c1 + i);
+            const __m512 x2 = _mm512_maskz_loadu_ps(k, c2 + i);
+            const __m512 x3 = _mm512_maskz_loadu_ps(k, c3 + i);
+            t0 = _mm512_fmadd_ps(x0, vi, t0);
+            t1 = _mm512_fmadd_ps(x1, vi, t1);
+            t2 = _mm512_fmadd_ps(x2, vi, t2);
+            t3 = _mm512_fmadd_ps(x3, vi, t3);
+            __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
+            wi = _mm512_fmadd_ps(b0, x0, wi);
+            wi = _mm512_fmadd_ps(b1, x1, wi);
+            wi = _mm512_fmadd_ps(b2, x2, wi);
+            wi = _mm512_fmadd_ps(b3, x3, wi);
+            _mm512_mask_storeu_ps(w + i, k, wi);
+        }
+        const __m128 d = _mm_add_ps(sum4(t0, t1, t2, t3), _mm_setr_ps(d0, d1, d2, d3));
+        _mm_storeu_ps(w + j, _mm_add_ps(_mm_loadu_ps(w + j), d));
+    }
+    for (; j < m; ++j) { /* at most three columns, at the bottom right */
+        const float *c = A + (ptrdiff_t)j * ld;
+        float t = c[j] * v[j];
+        for (int i = j + 1; i < m; ++i) {
+            t += c[i] * v[i];
+            w[i] += v[j] * c[i];
+        }
+        w[j] += t;
+    }
+    __m512 dots = _mm512_setzero_ps();
+    for (int i = 0; i < m; i += 16) {
+        const __mmask16 k = rows_below(i, m);
+        dots = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, w + i), _mm512_maskz_loadu_ps(k, v + i),
+                               dots);
+    }
+    const __m512 alpha = _mm512_set1_ps(-0.5f * tau * _mm512_reduce_add_ps(dots));
+    for (int i = 0; i < m; i += 16) {
+        const __mmask16 k = rows_below(i, m);
+        const __m512 wi = _mm512_fmadd_ps(alpha, _mm512_maskz_loadu_ps(k, v + i),
+                                          _mm512_maskz_loadu_ps(k, w + i));
+        _mm512_mask_storeu_ps(w + i, k, wi);
+    }
+    for (j = 0; j < m; ++j) {
+        float *c = A + (ptrdiff_t)j * ld;
+        const __m512 tw = _mm512_set1_ps(tau * w[j]), tv = _mm512_set1_ps(tau * v[j]);
+        for (int i = j; i < m; i += 16) {
+            const __mmask16 k = rows_below(i, m);
+            const __m512 change = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, v + i), tw,
+                                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(k, w + i),
+                                                                tv));
+            _mm512_mask_storeu_ps(c + i, k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, c + i),
+                                                          change));
+        }
+    }
+}
+
+/* Type 2 of ?sb2st_kernels: C (lm x ln, the block below the one just transformed) becomes
+ * C H with the sweep's reflector (v, tau); a new reflector (u, tau_u) annihilates the first
+ * column of C below its first row, and the other ln - 1 columns become H_u C. x = tau C v
+ * takes four columns a pass; then four columns at a time get the right update and their dot
+ * products with u, and the left update while they are in the first-level cache. */
+AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float tau, float *C,
+                                          int ld, float *u, float *tau_u, float *x) {
+    for (int i = 0; i < lm; ++i) x[i] = 0.0f;
+    if (tau != 0.0f) {
+        int j = 0;
+        for (; j + 4 <= ln; j += 4) {
+            const float *c0 = C + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld,
+                        *c3 = c2 + ld;
+            const __m512 b0 = _mm512_set1_ps(v[j]), b1 = _mm512_set1_ps(v[j + 1]),
+                         b2 = _mm512_set1_ps(v[j + 2]), b3 = _mm512_set1_ps(v[j + 3]);
+            for (int i = 0; i < lm; i += 16) {
+                const __mmask16 k = rows_below(i, lm);
+                __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
+                xi = _mm512_fmadd_ps(b0, _mm512_maskz_loadu_ps(k, c0 + i), xi);
+                xi = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, c1 + i), xi);
+                xi = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, c2 + i), xi);
+                xi = _mm512_fmadd_ps(b3, _mm512_maskz_loadu_ps(k, c3 + i), xi);
+                _mm512_mask_storeu_ps(x + i, k, xi);
+            }
+        }
+        for (; j < ln; ++j) {
+            const float *c = C + (ptrdiff_t)j * ld;
+            for (int i = 0; i < lm; ++i) x[i] += v[j] * c[i];
+        }
+        for (int i = 0; i < lm; ++i) x[i] *= tau;
+    }
+    /* First column: C[:, 0] - x v[0], then the new reflector from it. */
+    for (int i = 0; i < lm; ++i) C[i] -= x[i] * v[0];
+    u[0] = 1.0f;
+    for (int i = 1; i < lm; ++i) {
+        u[i] = C[i];
+        C[i] = 0.0f;
+    }
+    larfg_s(lm, C, u + 1, tau_u);
+    const float tu = *tau_u;
+    int j = 1;
+    for (; j + 4 <= ln; j += 4) {
+        float *c0 = C + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
+        const __m512 b0 = _mm512_set1_ps(v[j]), b1 = _mm512_set1_ps(v[j + 1]),
+                     b2 = _mm512_set1_ps(v[j + 2]), b3 = _mm512_set1_ps(v[j + 3]);
+        /* y = tau_u u^T (C - x v^T) for the four columns, then C - x v^T - u y^T, the
+         * right update recomputed rather than stored twice */
+        __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
+        for (int i = 0; i < lm; i += 16) {
+            const __mmask16 k = rows_below(i, lm);
+            const __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
+            const __m512 ui = _mm512_maskz_loadu_ps(k, u + i);
+            y0 = _mm512_fmadd_ps(ui, _mm512_fnmadd_ps(xi, b0, _mm512_maskz_loadu_ps(k, c0 + i)),
+                                 y0);
+            y1 = _mm512_fmadd_ps(ui, _mm512_fnmadd_ps(xi, b1, _mm512_maskz_loadu_ps(k, c1 + i)),
+                                 y1);
+            y2 = _mm512_fmadd_ps(ui, _mm512_fnmadd_ps(xi, b2, _mm512_maskz_loadu_ps(k, c2 + i)),
+                                 y2);
+            y3 = _mm512_fmadd_ps(ui, _mm512_fnmadd_ps(xi, b3, _mm512_maskz_loadu_ps(k, c3 + i)),
+                                 y3);
+        }
+        float y[4];
+        _mm_storeu_ps(y, _mm_mul_ps(sum4(y0, y1, y2, y3), _mm_set1_ps(tu)));
+        const __m512 s0 = _mm512_set1_ps(y[0]), s1 = _mm512_set1_ps(y[1]),
+                     s2 = _mm512_set1_ps(y[2]), s3 = _mm512_set1_ps(y[3]);
+        for (int i = 0; i < lm; i += 16) {
+            const __mmask16 k = rows_below(i, lm);
+            const __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
+            const __m512 ui = _mm512_maskz_loadu_ps(k, u + i);
+            _mm512_mask_storeu_ps(c0 + i, k, _mm512_fnmadd_ps(s0, ui, _mm512_fnmadd_ps(
+                xi, b0, _mm512_maskz_loadu_ps(k, c0 + i))));
+            _mm512_mask_storeu_ps(c1 + i, k, _mm512_fnmadd_ps(s1, ui, _mm512_fnmadd_ps(
+                xi, b1, _mm512_maskz_loadu_ps(k, c1 + i))));
+            _mm512_mask_storeu_ps(c2 + i, k, _mm512_fnmadd_ps(s2, ui, _mm512_fnmadd_ps(
+                xi, b2, _mm512_maskz_loadu_ps(k, c2 + i))));
+            _mm512_mask_storeu_ps(c3 + i, k, _mm512_fnmadd_ps(s3, ui, _mm512_fnmadd_ps(
+                xi, b3, _mm512_maskz_loadu_ps(k, c3 + i))));
+        }
+    }
+    for (; j < ln; ++j) { /* at most three columns */
+        float *c = C + (ptrdiff_t)j * ld;
+        float y = 0.0f;
+        for (int i = 0; i < lm; ++i) {
+            c[i] -= x[i] * v[j];
+            y += u[i] * c[i];
+        }
+        y *= tu;
+        for (int i = 0; i < lm; ++i) c[i] -= y * u[i];
+    }
+}
+
+/* ?sb2st_kernels('L', wantz = false, type, st, ed, sweep, n, nb, ...) for float32 (1-based
+ * st, ed, sweep as LAPACK's), on the working band a (leading dimension lda). */
+static void fused_kernels_s(int type, int st, int ed, int sweep, int n, int nb, float *a,
+                            int lda, float *vs, float *taus, float *work) {
+    const int ld = lda - 1;
+    const ptrdiff_t pos = (ptrdiff_t)((sweep - 1) % 2) * n + st - 1;
+    float *v = vs + pos, *tau = taus + pos;
+    float *diagonal = a + (ptrdiff_t)(st - 1) * lda; /* element (st, st) */
+    if (type == 1) {
+        const int lm = ed - st + 1;
+        float *column = a + (ptrdiff_t)(st - 2) * lda + 1; /* element (st, st - 1) */
+        v[0] = 1.0f;
+        for (int i = 1; i < lm; ++i) {
+            v[i] = column[i];
+            column[i] = 0.0f;
+        }
+        larfg_s(lm, column, v + 1, tau);
+        larfy_s(lm, v, *tau, diagonal, ld, work);
+    } else if (type == 3) {
+        larfy_s(ed - st + 1, v, *tau, diagonal, ld, work);
+    } else {
+        const int j1 = ed + 1, j2 = ed + nb < n ? ed + nb : n;
+        const int ln = ed - st + 1, lm = j2 - j1 + 1;
+        if (lm <= 0) return;
+        const ptrdiff_t next = (ptrdiff_t)((sweep - 1) % 2) * n + j1 - 1;
+        right_then_left_s(lm, ln, v, *tau, diagonal + nb, ld, vs + next, taus + next, work);
+    }
+}
+
+#endif /* AMCT_FUSED */
+
 /* Step p (1-based) of sweep s; returns 1 if it was the sweep's last. The kernel type and the
  * rows it covers follow the step numbering of ?sytrd_sb2st: step 1 creates the first
  * reflector (type 1), even steps apply the last reflector to the block below (type 2), odd
@@ -85,8 +343,14 @@ static int chase_step(const chase_job *job, int s, int p) {
     const int column = type == 2 ? (p / 2) * kd + s : ((p + 1) / 2) * kd + s;
     int first = column - kd + 1, last = column < n ? column : n;
     int reach = type == 2 ? column : ((first >= last - 1 && last == n) ? n : 0);
-    job->kernels("L", &wantz, &type, &first, &last, &s, &n, &kd, &ib, job->a, &job->lda,
-                 job->v, job->tau, &ldvt, job->work, 1);
+    if (job->kernels)
+        job->kernels("L", &wantz, &type, &first, &last, &s, &n, &kd, &ib, job->a, &job->lda,
+                     job->v, job->tau, &ldvt, job->work, 1);
+#ifdef AMCT_FUSED
+    else
+        fused_kernels_s(type, first, last, s, n, kd, (float *)job->a, job->lda,
+                        (float *)job->v, (float *)job->tau, (float *)job->work);
+#endif
     return reach >= n - 1;
 }
 
@@ -129,6 +393,22 @@ static void *chase_thread(void *arg) {
     return NULL;
 }
 
+/* Whether the fused float32 kernels were compiled and this CPU can run them (AVX-512F). */
+static int fused_supported(void) {
+#ifdef AMCT_FUSED
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+static PyObject *fused_available(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(fused_supported());
+}
+
 /* chase(kernels, itemsize, n, kd, a, lda, v, tau, work, work_per_thread, threads)
  * Addresses are integers; a is the (2kd+1) x n Fortran-ordered working band of ?sytrd_sb2st
  * (the band in rows 0..kd, zeros below), v and tau hold at least 2n + kd + 1 entries, work
@@ -141,8 +421,10 @@ static PyObject *chase(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KiiiKiKKKni", &kernels, &itemsize, &n, &kd, &a, &lda, &v,
                           &tau, &work, &per_thread, &threads))
         return NULL;
-    if (!kernels || !a || !v || !tau || !work || (itemsize != 4 && itemsize != 8)) {
-        PyErr_SetString(PyExc_ValueError, "chase: null address or item size not 4 or 8");
+    if (!a || !v || !tau || !work || (itemsize != 4 && itemsize != 8) ||
+        (!kernels && (itemsize != 4 || !fused_supported()))) {
+        PyErr_SetString(PyExc_ValueError, "chase: null address, item size not 4 or 8, or no "
+                        "kernels address where the fused float32 kernels cannot run");
         return NULL;
     }
     if (n < 2 || kd < 2 || lda < 2 * kd + 1 || per_thread < 2 * kd + 2) {
@@ -186,7 +468,10 @@ static PyObject *chase(PyObject *self, PyObject *args) {
 }
 static PyMethodDef methods[] = {
     {"chase", chase, METH_VARARGS,
-     "Band to tridiagonal bulge chasing on threads through LAPACK's ?sb2st_kernels."},
+     "Band to tridiagonal bulge chasing on threads, through LAPACK's ?sb2st_kernels at the "
+     "address given, or the fused float32 kernels where it is 0."},
+    {"fused_available", fused_available, METH_NOARGS,
+     "Whether the fused float32 kernels can run on this CPU."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {
