@@ -1,10 +1,13 @@
-"""Build script of amct-core: the optional C extension of the decomposition solver.
+"""Build script of amct-core: its two optional C extensions.
 
 ``amct_core.decompose._bulge_chasing`` (plain C, no numpy headers) runs the bulge chasing of
 the two-stage tridiagonal reduction on two threads, through LAPACK's own kernels or, for
 float32 on a CPU with AVX-512 (picked at run time), its own fused kernels. It is optional:
 without a C compiler the install goes on and the solver calls LAPACK's sequential
 ``?sytrd_sb2st``, which computes the same tridiagonal matrix on one core.
+
+``amct_core._crc32c`` sums buffers with CRC-32C (the checksum of TensorFlow checkpoints) at
+memory speed; without it :mod:`amct_core.crc32c` computes it in Python, for small buffers.
 """
 from setuptools import Extension, setup
 
@@ -12,4 +15,7 @@ _BULGE_CHASING = Extension("amct_core.decompose._bulge_chasing",
                            sources=["src/amct_core/decompose/_bulge_chasing.c"],
                            extra_compile_args=["-O2"], optional=True)
 
-setup(ext_modules=[_BULGE_CHASING])
+_CRC32C = Extension("amct_core._crc32c", sources=["src/amct_core/_crc32c.c"],
+                    extra_compile_args=["-O2"], optional=True)
+
+setup(ext_modules=[_BULGE_CHASING, _CRC32C])

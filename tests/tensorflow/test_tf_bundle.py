@@ -1,4 +1,6 @@
-"""Checkpoint tensors mapped from the data file (amct_tensorflow.tensor_decompose.bundle)."""
+"""Checkpoints read and written without TensorFlow's ops
+(amct_tensorflow.tensor_decompose.bundle): tensors mapped from the data file, and the
+decomposed checkpoint written by copying the original one."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,6 +15,7 @@ from test_tf_tensor_decompose import (  # noqa: E402
     _tensor,
 )
 
+from amct_core import crc32c  # noqa: E402
 from amct_core.errors import AmctValueError  # noqa: E402
 from amct_tensorflow.tensor_decompose import auto_decomposition, bundle  # noqa: E402
 
@@ -118,3 +121,150 @@ def test_many_tensors_over_two_shards(tmp_path):
     assert {entry.shard_id for name, entry in index.items() if name} == {0, 1}
     for name, value in values.items():
         np.testing.assert_array_equal(bundle.map_tensor(prefix, index, name), value)
+
+
+needs_fast_crc = pytest.mark.skipif(
+    not crc32c.fast(), reason="the C extension amct_core._crc32c was not built (no C compiler)")
+
+
+@needs_fast_crc
+def test_written_checkpoint_holds_the_original_tensors_and_the_new_ones(tmp_path):
+    rng = np.random.default_rng(2)
+    values = {"a/kernel": rng.standard_normal((3, 3, 8, 16)).astype(np.float32),
+              "b": rng.standard_normal((5, 7)),
+              "count": np.arange(6, dtype=np.int32),
+              "step": np.int64(41)}
+    prefix = _save_variables(tmp_path, values)
+    index = bundle.read_index(prefix)
+    assert bundle.supports_writing(index)
+    new = {"a/first": rng.standard_normal((4, 3)).astype(np.float32).T,  # not C-ordered
+           "a/half": rng.standard_normal((2, 5)).astype(np.float16),
+           "a/scalar": np.float64(-2.5)}
+    target = str(tmp_path / "out" / "model")
+    (tmp_path / "out").mkdir()
+    bundle.write_with_tensors(prefix, index, target, new)
+    reader = tf.train.load_checkpoint(target)  # TensorFlow checks every CRC as it reads
+    assert reader.get_variable_to_shape_map() == {
+        **{name: list(np.shape(value)) for name, value in values.items()},
+        **{name: list(np.shape(value)) for name, value in new.items()}}
+    for name, value in {**values, **new}.items():
+        read = reader.get_tensor(name)
+        assert read.dtype == np.asarray(value).dtype, name
+        np.testing.assert_array_equal(read, value)
+    # A TF1 Saver restores from it as from any checkpoint.
+    graph = tf.Graph()
+    with graph.as_default():
+        variable = tf1.Variable(np.zeros((3, 4), np.float32), name="a/first")
+        with tf1.Session() as session:
+            tf1.train.Saver([variable]).restore(session, target)
+            np.testing.assert_array_equal(session.run(variable), new["a/first"])
+    # The index reads back with this module's reader too; its header is the original's.
+    written = bundle.read_index(target)
+    assert written[""] == index[""] and sorted(written) == sorted(["", *values, *new])
+    with pytest.raises(ValueError, match="cannot add tensor 'count'"):
+        bundle.write_with_tensors(prefix, index, str(tmp_path / "out" / "again"),
+                                  {"count": np.ones(2, np.float32)})
+
+
+@needs_fast_crc
+def test_writing_copies_every_shard_and_a_many_block_index(tmp_path):
+    rng = np.random.default_rng(3)
+    values = {f"layer_{i:03d}/scope/kernel": rng.standard_normal((2, 3)).astype(np.float32)
+              for i in range(200)}
+    graph = tf.Graph()
+    with graph.as_default():
+        for i, (name, value) in enumerate(values.items()):
+            with tf.device(f"/cpu:{i % 2}"):
+                tf1.Variable(value, name=name)
+        saver = tf1.train.Saver(sharded=True)
+        with tf1.Session(config=tf1.ConfigProto(device_count={"CPU": 2})) as session:
+            session.run(tf1.global_variables_initializer())
+            prefix = saver.save(session, str(tmp_path / "sharded"))
+    index = bundle.read_index(prefix)
+    target = str(tmp_path / "copy")
+    new = {"zz/new": np.full((4,), 7.0, np.float32), "aa/new": np.ones((1, 2), np.float64)}
+    bundle.write_with_tensors(prefix, index, target, new)
+    assert (tmp_path / "copy.data-00000-of-00002").is_file()
+    assert (tmp_path / "copy.data-00001-of-00002").is_file()
+    reader = tf.train.load_checkpoint(target)
+    for name, value in {**values, **new}.items():
+        np.testing.assert_array_equal(reader.get_tensor(name), value)
+
+
+@needs_fast_crc
+def test_writing_refuses_a_damaged_or_short_data_file(tmp_path):
+    values = {"w": np.arange(40, dtype=np.float32), "v": np.ones((3, 3))}
+    prefix = _save_variables(tmp_path, values)
+    index = bundle.read_index(prefix)
+    data = tmp_path / "vars.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    damaged = bytearray(raw)
+    damaged[index["v"].offset + 3] ^= 0x01
+    data.write_bytes(bytes(damaged))
+    with pytest.raises(bundle.DamagedTensorError,
+                       match="tensor 'v': Checksum does not match") as caught:
+        bundle.write_with_tensors(prefix, index, str(tmp_path / "out1"), {})
+    assert caught.value.name == "v"
+    data.write_bytes(bytes(raw[:-5]))
+    last = max(("w", "v"), key=lambda name: index[name].offset)
+    with pytest.raises(bundle.DamagedTensorError, match=f"tensor '{last}': the data file .* "
+                                                        f"ends at byte"):
+        bundle.write_with_tensors(prefix, index, str(tmp_path / "out2"), {})
+
+
+def _spy_writer(monkeypatch) -> list[str]:
+    calls = []
+    original = bundle.write_with_tensors
+
+    def spy(source, index, target, tensors):
+        calls.append(source)
+        return original(source, index, target, tensors)
+
+    monkeypatch.setattr(bundle, "write_with_tensors", spy)
+    return calls
+
+
+@needs_fast_crc
+def test_auto_decomposition_copies_the_checkpoint_and_saves_what_tensorflow_would(
+        tmp_path, monkeypatch):
+    meta, ckpt, _ = _save_model(_nhwc_net(), tmp_path / "base")
+    calls = _spy_writer(monkeypatch)
+    auto_decomposition(meta, ckpt, str(tmp_path / "copied" / "model"))
+    assert calls == [ckpt]
+    monkeypatch.setattr(bundle, "supports_writing", lambda index: False)
+    auto_decomposition(meta, ckpt, str(tmp_path / "saved" / "model"))
+    assert calls == [ckpt]  # restored and saved through TensorFlow this time
+    copied = tf.train.load_checkpoint(str(tmp_path / "copied" / "model"))
+    saved = tf.train.load_checkpoint(str(tmp_path / "saved" / "model"))
+    shapes = copied.get_variable_to_shape_map()
+    assert shapes == saved.get_variable_to_shape_map()
+    assert "conv2d/Conv2D/decom_first/kernel" in shapes and "conv2d/kernel" in shapes
+    for name in shapes:
+        np.testing.assert_array_equal(copied.get_tensor(name), saved.get_tensor(name))
+    # The meta graphs carry the same saver: every variable, under the same names.
+    for folder in ("copied", "saved"):
+        graph = tf.Graph()
+        with graph.as_default():
+            saver = tf1.train.import_meta_graph(str(tmp_path / folder / "model.meta"))
+            with tf1.Session() as session:
+                saver.restore(session, str(tmp_path / "copied" / "model"))
+                names = sorted(v.op.name for v in tf1.global_variables())
+        assert names == sorted(shapes)
+
+
+@needs_fast_crc
+def test_a_checkpoint_with_tensors_the_graph_lacks_is_saved_through_tensorflow(
+        tmp_path, monkeypatch):
+    meta, ckpt, _ = _save_model(_nhwc_net(), tmp_path / "base")
+    # The same checkpoint with one more tensor, which no variable of the graph restores.
+    reader = tf.train.load_checkpoint(ckpt)
+    values = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    values["stray/tensor"] = np.ones(3, np.float32)
+    extra = _save_variables(tmp_path, values)
+    calls = _spy_writer(monkeypatch)
+    auto_decomposition(meta, extra, str(tmp_path / "out" / "model"))
+    assert calls == []
+    saved = tf.train.load_checkpoint(str(tmp_path / "out" / "model"))
+    assert "stray/tensor" not in saved.get_variable_to_shape_map()
+    np.testing.assert_array_equal(saved.get_tensor("conv2d/kernel"),
+                                  values["conv2d/kernel"])

@@ -1,30 +1,34 @@
-"""A float tensor of a TensorFlow checkpoint, mapped from its data file instead of read.
+"""TensorFlow checkpoints ("tensor bundles") read and written without TensorFlow's ops.
 
 ``tf.train.CheckpointReader.get_tensor`` copies a tensor into a new array (for the 150 MB
 kernel of a (2048, 2048, 3, 3) conv, 0.3-0.6 s on a VM whose fresh memory is slow); the
 decomposition only reads the kernel, so it can use the bytes where they lie, in the page
-cache, through ``numpy.memmap``.
+cache, through ``numpy.memmap`` (:func:`map_tensor`). And the decomposed checkpoint holds every
+tensor of the original one plus the new factors: :func:`write_with_tensors` copies the data
+files (checking each tensor's CRC32C on the way) and appends the factors, instead of restoring
+every variable into a session and saving them all again (0.8-0.9 s against about 0.1 s).
 
 A checkpoint ``prefix`` (a TF2 "tensor bundle") is ``prefix.index``, a sorted string table in
 LevelDB's format as TensorFlow writes it (blocks of prefix-compressed keys, each with a
-one-byte compression type and a CRC, then an index block and a 48-byte footer ending in a
-magic number), mapping each tensor name to a ``BundleEntryProto`` (dtype, shape, shard,
-offset, size, CRC32C) and the empty key to a ``BundleHeaderProto``; and the data files
-``prefix.data-SSSSS-of-NNNNN``. :func:`map_tensor` returns None for anything it does not
-handle in full (compressed blocks, sliced or partitioned tensors, big-endian bundles, dtypes
-other than float16/32/64, a size that does not match), and the caller reads the tensor
-through TensorFlow then. TensorFlow checks a tensor's CRC32C when it reads it; a mapped
-kernel is not checked here, but ``auto_decomposition`` restores every variable of the
-checkpoint through TensorFlow before it saves, so a damaged kernel still fails there, before
-anything is written.
+one-byte compression type and a masked CRC32C, then an index block and a 48-byte footer
+ending in a magic number), mapping each tensor name to a ``BundleEntryProto`` (dtype, shape,
+shard, offset, size, masked CRC32C of the bytes) and the empty key to a
+``BundleHeaderProto``; and the data files ``prefix.data-SSSSS-of-NNNNN``. :func:`read_index`
+and :func:`map_tensor` return None for anything they do not handle in full (compressed
+blocks, sliced or partitioned tensors, big-endian bundles, dtypes other than float16/32/64, a
+size that does not match), and the caller goes through TensorFlow then. A mapped tensor is
+not checked against its CRC32C here; :func:`write_with_tensors` checks them all.
 """
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 from tensorflow.core.protobuf import tensor_bundle_pb2
+
+from amct_core import crc32c
 
 _MAGIC = 0xDB4775248B80FB57
 _FOOTER_BYTES = 48
@@ -32,6 +36,10 @@ _TRAILER_BYTES = 5  # compression type (1 byte) and masked CRC (4 bytes) after e
 _NO_COMPRESSION = 0
 #: TensorFlow DataType enum values of the float types a kernel may have.
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 19: np.dtype("<f2")}
+#: Entries per restart point in a data block, as LevelDB's and TensorFlow's table builders.
+_RESTART_INTERVAL = 16
+#: Bytes read and written at a time when a data file is copied.
+COPY_CHUNK = 8 << 20
 
 
 class _UnsupportedError(Exception):
@@ -84,6 +92,11 @@ def _entries(block: bytes):
         pos += length
 
 
+def data_file(prefix: str, shard: int, num_shards: int) -> str:
+    """The name of data file ``shard`` of checkpoint ``prefix``."""
+    return f"{prefix}.data-{shard:05d}-of-{max(num_shards, 1):05d}"
+
+
 def read_index(prefix: str) -> dict[str, tensor_bundle_pb2.BundleEntryProto] | None:
     """{tensor name: entry} of checkpoint ``prefix``, the header under "", or None when the
     index is not a table this reader handles."""
@@ -131,10 +144,185 @@ def map_tensor(prefix: str, index: dict | None, name: str) -> np.ndarray | None:
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count == 0 or count * dtype.itemsize != entry.size:
         return None
-    path = f"{prefix}.data-{entry.shard_id:05d}-of-{max(header.num_shards, 1):05d}"
+    path = data_file(prefix, entry.shard_id, header.num_shards)
     try:
         if os.path.getsize(path) < entry.offset + entry.size:
             return None
         return np.memmap(path, dtype=dtype, mode="r", offset=entry.offset, shape=shape)
     except (OSError, ValueError):
         return None
+
+
+class DamagedTensorError(Exception):
+    """A tensor of the checkpoint being copied does not match its CRC32C, or its data file is
+    shorter than the index says."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"tensor '{name}': {reason}")
+        self.name = name
+
+
+def supports_writing(index: Mapping | None) -> bool:
+    """Whether :func:`write_with_tensors` can copy the checkpoint whose index is ``index``: one
+    read by :func:`read_index`, little-endian, with no sliced tensors, and CRC32C sums at
+    memory speed (:func:`amct_core.crc32c.fast`)."""
+    if not index or "" not in index or not crc32c.fast():
+        return False
+    if index[""].endianness != tensor_bundle_pb2.BundleHeaderProto.LITTLE:
+        return False
+    return not any(entry.slices for name, entry in index.items() if name)
+
+
+def _copy_checked(source: str, target: str, entries: list[tuple[str, object]]) -> int:
+    """Copy data file ``source`` to ``target``, checking the CRC32C of each (name, entry)
+    stored in it; return the size copied."""
+    pending = sorted(entries, key=lambda item: item[1].offset)
+    sums = {name: 0 for name, _ in pending}
+    buffer = bytearray(COPY_CHUNK)
+    view = memoryview(buffer)
+    position = 0
+    first = 0  # pending[:first] ended before this chunk
+    with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as writer:
+        while True:
+            count = reader.readinto(buffer)
+            if not count:
+                break
+            end = position + count
+            while first < len(pending) and \
+                    pending[first][1].offset + pending[first][1].size <= position:
+                first += 1
+            for name, entry in pending[first:]:
+                if entry.offset >= end:
+                    break
+                lo = max(entry.offset, position) - position
+                hi = min(entry.offset + entry.size, end) - position
+                sums[name] = crc32c.value(view[lo:hi], sums[name])
+            done = 0
+            while done < count:
+                done += writer.write(view[done:count])
+            position = end
+    for name, entry in pending:
+        if entry.offset + entry.size > position:
+            raise DamagedTensorError(name, f"the data file '{source}' ends at byte {position}, "
+                                           f"before the tensor's end at "
+                                           f"{entry.offset + entry.size}")
+        if crc32c.mask(sums[name]) != entry.crc32c:
+            raise DamagedTensorError(name, f"Checksum does not match: stored "
+                                           f"{entry.crc32c:#010x}, calculated "
+                                           f"{crc32c.mask(sums[name]):#010x} (masked CRC32C "
+                                           f"of its {entry.size} bytes)")
+    return position
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _block_payload(items: list[tuple[bytes, bytes]], restart_interval: int) -> bytes:
+    """A LevelDB table block: entries (shared key length, unshared length, value length, key
+    suffix, value), restarting the key compression every ``restart_interval`` entries, then
+    the restart offsets and their count (fixed 32-bit little-endian)."""
+    out = bytearray()
+    restarts = []
+    last = b""
+    for number, (key, value) in enumerate(items):
+        if number % restart_interval == 0:
+            restarts.append(len(out))
+            shared = 0
+        else:
+            shared = 0
+            limit = min(len(last), len(key))
+            while shared < limit and last[shared] == key[shared]:
+                shared += 1
+        _put_varint(out, shared)
+        _put_varint(out, len(key) - shared)
+        _put_varint(out, len(value))
+        out += key[shared:]
+        out += value
+        last = key
+    if not restarts:
+        restarts.append(0)
+    out += struct.pack(f"<{len(restarts)}I", *restarts)
+    out += struct.pack("<I", len(restarts))
+    return bytes(out)
+
+
+def _append_block(table: bytearray, payload: bytes) -> bytes:
+    """Append a block and its trailer (no compression, masked CRC32C of the block and the
+    type byte); return its handle (varint offset, varint size)."""
+    handle = bytearray()
+    _put_varint(handle, len(table))
+    _put_varint(handle, len(payload))
+    table += payload
+    table.append(_NO_COMPRESSION)
+    table += struct.pack("<I", crc32c.mask(crc32c.value(bytes([_NO_COMPRESSION]),
+                                                        crc32c.value(payload))))
+    return bytes(handle)
+
+
+def index_table(items: Mapping[str, object]) -> bytes:
+    """The ``.index`` file for ``items`` ({"": BundleHeaderProto, name: BundleEntryProto}): one
+    data block with the entries sorted by key, an empty meta-index block, the index block and
+    the footer, as TensorFlow's table builder lays them out."""
+    pairs = sorted((name.encode("utf-8"), entry.SerializeToString())
+                   for name, entry in items.items())
+    table = bytearray()
+    data = _append_block(table, _block_payload(pairs, _RESTART_INTERVAL))
+    meta_index = _append_block(table, _block_payload([], 1))
+    # The index block maps a key >= every key of the data block (its last one) to the block.
+    index = _append_block(table, _block_payload([(pairs[-1][0], data)], 1))
+    footer = (meta_index + index).ljust(_FOOTER_BYTES - 8, b"\x00")
+    table += footer + struct.pack("<Q", _MAGIC)
+    return bytes(table)
+
+
+_DATA_TYPES = {np.dtype(np.float16): 19, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+
+
+def write_with_tensors(source: str, index: Mapping[str, object], target: str,
+                       tensors: Mapping[str, np.ndarray]) -> None:
+    """Write checkpoint ``target`` holding every tensor of checkpoint ``source`` (whose index,
+    from :func:`read_index`, is ``index``; see :func:`supports_writing`) and ``tensors``
+    (float16/32/64 arrays, names not in ``index``), appended to its first data file.
+
+    The data files are copied with the CRC32C of every tensor checked on the way: a mismatch
+    or a short file raises :class:`DamagedTensorError`. ``target``'s files are created
+    (overwritten); the caller writes them to a staging folder.
+    """
+    header = index[""]
+    shards = max(header.num_shards, 1)
+    entries = {name: entry for name, entry in index.items() if name}
+    by_shard: dict[int, list] = {shard: [] for shard in range(shards)}
+    for name, entry in entries.items():
+        if entry.shard_id not in by_shard:
+            raise DamagedTensorError(name, f"shard {entry.shard_id} of a checkpoint of "
+                                           f"{shards} shards")
+        by_shard[entry.shard_id].append((name, entry))
+    written = {}
+    for shard in range(shards):
+        written[shard] = _copy_checked(data_file(source, shard, header.num_shards),
+                                       data_file(target, shard, header.num_shards),
+                                       by_shard[shard])
+    items: dict[str, object] = {"": header}
+    items.update(entries)
+    offset = written[0]
+    with open(data_file(target, 0, header.num_shards), "ab") as stream:
+        for name, value in tensors.items():
+            array = np.asarray(value)  # (np.ascontiguousarray would make a scalar 1-D)
+            dtype = array.dtype.newbyteorder("<")
+            if dtype not in _DATA_TYPES or name in items:
+                raise ValueError(f"cannot add tensor '{name}' ({array.dtype}) to the checkpoint")
+            raw = array.astype(dtype, copy=False).reshape(-1).view(np.uint8)
+            entry = tensor_bundle_pb2.BundleEntryProto(
+                dtype=_DATA_TYPES[dtype], shard_id=0, offset=offset, size=raw.nbytes,
+                crc32c=crc32c.mask(crc32c.value(raw)))
+            for size in array.shape:
+                entry.shape.dim.add(size=size)
+            stream.write(raw)
+            offset += array.nbytes
+            items[name] = entry
+    with open(target + ".index", "wb") as stream:
+        stream.write(index_table(items))

@@ -141,11 +141,10 @@ def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def _tensor_reader(reader: tf.train.CheckpointReader,
-                   ckpt_path: str) -> Callable[[str], np.ndarray]:
+def _tensor_reader(reader: tf.train.CheckpointReader, ckpt_path: str,
+                   index: dict | None) -> Callable[[str], np.ndarray]:
     """A function reading a checkpoint tensor: mapped from the data file where
     :mod:`.bundle` can (no copy), else through ``reader``."""
-    index = bundle.read_index(ckpt_path)
 
     def read(name: str) -> np.ndarray:
         mapped = bundle.map_tensor(ckpt_path, index, name)
@@ -212,14 +211,56 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
     return results
 
 
-def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path: str,
-          reader: tf.train.CheckpointReader, new_values: dict[str, np.ndarray],
-          new_variables: dict[str, tf.Variable], save_path: str, logger) -> None:
-    """Restore the original variables, set the factors, and save the decomposed model."""
-    save_dir = os.path.dirname(os.path.abspath(save_path))
-    created = not os.path.isdir(save_dir)
-    os.makedirs(save_dir, exist_ok=True)
-    base = os.path.basename(save_path)
+def _copy_plan(graph: tf.Graph, index: dict | None,
+               new_variables: dict[str, tf.Variable]) -> list[tf.Variable] | None:
+    """The global variables of ``graph`` if the decomposed checkpoint can be written by
+    copying the original one (:func:`.bundle.write_with_tensors`): the original holds
+    exactly the variables of the graph that are not new, each whole, with the graph's dtype
+    and shape. None where the variables have to be restored and saved through TensorFlow."""
+    if not bundle.supports_writing(index):
+        return None
+    with graph.as_default():
+        global_variables = tf.compat.v1.global_variables()
+    expected = set()
+    for variable in global_variables:
+        if variable.op.name in new_variables:
+            continue
+        key = _checkpoint_key(variable)
+        entry = index.get(key)
+        if entry is None or key in expected or \
+                getattr(variable, "_save_slice_info", None) is not None or \
+                entry.dtype != variable.dtype.base_dtype.as_datatype_enum or \
+                [dim.size for dim in entry.shape.dim] != variable.shape.as_list():
+            return None
+        expected.add(key)
+    if expected != set(index) - {""} or any(name in index for name in new_variables):
+        return None
+    return global_variables
+
+
+def _write_by_copy(graph: tf.Graph, ckpt_path: str, index: dict,
+                   global_variables: list[tf.Variable], new_values: dict[str, np.ndarray],
+                   new_variables: dict[str, tf.Variable], prefix: str) -> None:
+    """The decomposed checkpoint at ``prefix``: the original's tensors copied (their CRC32C
+    checked) with the factors appended, and the meta graph with a saver of every variable."""
+    tensors = {_checkpoint_key(variable): new_values[name]
+               for name, variable in new_variables.items()}
+    try:
+        bundle.write_with_tensors(ckpt_path, index, prefix, tensors)
+    except bundle.DamagedTensorError as error:
+        raise AmctValueError(f"auto_decomposition: cannot restore the variables of checkpoint "
+                             f"'{ckpt_path}' ({error}); the checkpoint is damaged") from None
+    with graph.as_default():
+        saver = tf.compat.v1.train.Saver(var_list=global_variables)
+        saver.export_meta_graph(prefix + ".meta")
+
+
+def _restore_and_save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None,
+                      ckpt_path: str, reader: tf.train.CheckpointReader,
+                      new_values: dict[str, np.ndarray], new_variables: dict[str, tf.Variable],
+                      prefix: str, logger) -> None:
+    """The decomposed checkpoint at ``prefix`` through TensorFlow: restore the original
+    variables, set the factors, save them all (with the meta graph)."""
     with graph.as_default():
         global_variables = tf.compat.v1.global_variables()
         new = set(new_variables)
@@ -234,24 +275,44 @@ def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path:
     for variable in missing:
         logger.warning("Variable '%s' is not in checkpoint '%s'; it is saved with its initial "
                        "value.", variable.op.name, ckpt_path)
+    with tf.compat.v1.Session(graph=graph) as session:
+        if restorer is not None:
+            try:
+                restorer.restore(session, ckpt_path)
+            except tf.errors.OpError as error:
+                # TensorFlow checks every tensor's CRC here, the mapped kernel's too.
+                raise AmctValueError(
+                    f"auto_decomposition: cannot restore the variables of checkpoint "
+                    f"'{ckpt_path}' ({_op_error_reason(error)}); the checkpoint is "
+                    f"damaged") from None
+        if init_missing is not None:
+            session.run(init_missing)
+        for name, variable in new_variables.items():
+            session.run(variable.initializer, {variable.initial_value: new_values[name]})
+        saver.save(session, prefix, write_meta_graph=True, write_state=False)
+
+
+def _save(graph: tf.Graph, restorer: tf.compat.v1.train.Saver | None, ckpt_path: str,
+          reader: tf.train.CheckpointReader, index: dict | None,
+          new_values: dict[str, np.ndarray], new_variables: dict[str, tf.Variable],
+          save_path: str, logger) -> None:
+    """Write the decomposed model to ``save_path`` through a staging folder beside it, by
+    copying the original checkpoint where it holds exactly the graph's other variables
+    (:func:`_copy_plan`), else by restoring and saving them through TensorFlow."""
+    save_dir = os.path.dirname(os.path.abspath(save_path))
+    created = not os.path.isdir(save_dir)
+    os.makedirs(save_dir, exist_ok=True)
+    base = os.path.basename(save_path)
     staging = tempfile.mkdtemp(prefix=f".{base}.amct-", dir=save_dir)
     try:
-        with tf.compat.v1.Session(graph=graph) as session:
-            if restorer is not None:
-                try:
-                    restorer.restore(session, ckpt_path)
-                except tf.errors.OpError as error:
-                    # TensorFlow checks every tensor's CRC here, the mapped kernel's too.
-                    raise AmctValueError(
-                        f"auto_decomposition: cannot restore the variables of checkpoint "
-                        f"'{ckpt_path}' ({_op_error_reason(error)}); the checkpoint is "
-                        f"damaged") from None
-            if init_missing is not None:
-                session.run(init_missing)
-            for name, variable in new_variables.items():
-                session.run(variable.initializer, {variable.initial_value: new_values[name]})
-            saver.save(session, os.path.join(staging, base), write_meta_graph=True,
-                       write_state=False)
+        prefix = os.path.join(staging, base)
+        global_variables = _copy_plan(graph, index, new_variables)
+        if global_variables is not None:
+            _write_by_copy(graph, ckpt_path, index, global_variables, new_values,
+                           new_variables, prefix)
+        else:
+            _restore_and_save(graph, restorer, ckpt_path, reader, new_values, new_variables,
+                              prefix, logger)
         for name in sorted(os.listdir(staging)):
             os.replace(os.path.join(staging, name), os.path.join(save_dir, name))
     except BaseException:
@@ -294,7 +355,8 @@ def auto_decomposition(meta_path: str | os.PathLike, ckpt_path: str | os.PathLik
         groups.setdefault(site.kernel, []).append(site)
     changes: list[ConvChange] = []
     new_values: dict[str, np.ndarray] = {}
-    read = _tensor_reader(reader, ckpt_path)
+    index = bundle.read_index(ckpt_path)
+    read = _tensor_reader(reader, ckpt_path, index)
     for kernel, group in groups.items():
         for change, first, last in _decompose_group(kernel, group, reader, read, logger):
             changes.append(change)
@@ -304,7 +366,8 @@ def auto_decomposition(meta_path: str | os.PathLike, ckpt_path: str | os.PathLik
     source = f"the graph of '{meta_path}'"
     sites = check_changes(graph, changes, source)
     new_ops, new_variables = apply_changes(graph, changes, sites)
-    _save(graph, restorer, ckpt_path, reader, new_values, new_variables, save_path, logger)
+    _save(graph, restorer, ckpt_path, reader, index, new_values, new_variables, save_path,
+          logger)
     change_file = write_change_file(save_path + ".pkl", changes)
     logger.info("Decomposed model is saved to: %s", save_path)
     logger.info("Graph-change file is saved to: %s", change_file)
