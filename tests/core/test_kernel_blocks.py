@@ -42,12 +42,13 @@ def test_gram_and_core_equal_the_products_of_the_unfolding(mode, shape):
     assert not np.any(np.triu(gram, 1))  # only the lower triangle is written
     vectors = np.random.default_rng(1).standard_normal((unfolded.shape[0], 3))
     core = blocks.core(vectors)
-    np.testing.assert_allclose(core, vectors.T @ reordered, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(core.reshape(3, -1), vectors.T @ reordered, rtol=1e-12,
+                               atol=1e-12)
     # Folding undoes the orders: U's rows as (r, channel, kernel) are the unfolding's rows.
     np.testing.assert_array_equal(blocks.fold_rows(vectors).reshape(3, -1),
                                   vectors.T[:, np.argsort(rows)])
     np.testing.assert_array_equal(blocks.fold_columns(core).reshape(3, -1),
-                                  core[:, np.argsort(cols)])
+                                  core.reshape(3, -1)[:, np.argsort(cols)])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -314,3 +314,19 @@ def test_a_tensorflow_layout_kernel_gives_the_same_decomposition(mode):
     scale = np.max(np.abs(oihw))
     np.testing.assert_allclose(compose(in_place.first, in_place.last),
                                compose(copied.first, copied.last), atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("mode", list(SHAPES))
+def test_hwio_factors_are_the_oihw_ones_transposed(mode):
+    # A TensorFlow kernel (KH, KW, Cin, Cout) passed as its OIHW view.
+    cout, cin, kh, kw = SHAPES[mode]
+    hwio = np.random.default_rng(int(mode)).standard_normal((kh, kw, cin, cout))
+    oihw_view = np.transpose(hwio, (3, 2, 0, 1))
+    plain = factorize_kernel(oihw_view, mode, rank=4)
+    tf_layout = factorize_kernel(oihw_view, mode, rank=4, layout="HWIO")
+    assert plain.layout == "OIHW" and tf_layout.layout == "HWIO"
+    for oihw, hwio_factor in ((plain.first, tf_layout.first), (plain.last, tf_layout.last)):
+        assert hwio_factor.flags.c_contiguous and oihw.flags.c_contiguous
+        np.testing.assert_array_equal(hwio_factor, oihw.transpose(2, 3, 1, 0))
+    with pytest.raises(DecompositionError, match="layout must be one of OIHW, HWIO, got 'NHWC'"):
+        factorize_kernel(oihw_view, mode, rank=4, layout="NHWC")

@@ -109,8 +109,11 @@ class KernelBlocks:
         return result
 
     def core(self, vectors: np.ndarray) -> np.ndarray:
-        """Uᵀ Y (r × M, C-ordered, columns in (b, d) order) for U (L × r, rows in (a, c)
-        order)."""
+        """Uᵀ Y for U (L × r, rows in (a, c) order), as an r × K_c × C_c array (row i of Uᵀ Y,
+        columns in (b, d) order, is ``[i].reshape(-1)``): a view of a C-ordered
+        (K_c, r, C_c) array, one matrix product per column kernel index b, not copied into
+        r × M order (the factor folded from it may want that order back, a TensorFlow one
+        does)."""
         size, width = self.row_channels, self.col_channels
         rank = vectors.shape[1]
         result = np.empty((self.col_kernel, rank, width), dtype=self.dtype)
@@ -118,7 +121,7 @@ class KernelBlocks:
             for a in range(self.row_kernel):
                 blas.matmul_into(vectors[a * size:(a + 1) * size].T, self.block(a, b),
                                  result[b], beta=float(a > 0))
-        return np.ascontiguousarray(result.transpose(1, 0, 2)).reshape(rank, -1)
+        return result.transpose(1, 0, 2)
 
     def fold_rows(self, vectors: np.ndarray) -> np.ndarray:
         """U (rows (a, c)) as (r, row channels, row kernel size), the layout of the factor
@@ -127,7 +130,8 @@ class KernelBlocks:
         return vectors.T.reshape(rank, self.row_kernel, self.row_channels).transpose(0, 2, 1)
 
     def fold_columns(self, core: np.ndarray) -> np.ndarray:
-        """The core (columns (b, d)) as (r, column channels, column kernel size)."""
+        """The core (r × M with columns in (b, d) order, or :meth:`core`'s r × K_c × C_c) as
+        (r, column channels, column kernel size)."""
         rank = core.shape[0]
         return core.reshape(rank, self.col_kernel, self.col_channels).transpose(0, 2, 1)
 

@@ -65,9 +65,15 @@ _LAYOUT = {
 FLOAT64_MAX_ELEMENTS = 1 << 22
 
 
+#: Layouts :func:`factorize_kernel` can return the factor kernels in: PyTorch's and ONNX's
+#: (Cout, Cin, KH, KW), TensorFlow's (KH, KW, Cin, Cout).
+LAYOUTS = ("OIHW", "HWIO")
+
+
 @dataclass(frozen=True)
 class SpatialSvdFactors:
-    """The two conv kernels that replace one conv, and how they were chosen."""
+    """The two conv kernels that replace one conv, and how they were chosen. ``first`` and
+    ``last`` are C-contiguous, in ``layout`` (:data:`LAYOUTS`)."""
 
     mode: DecomposeMode
     rank: int
@@ -75,6 +81,7 @@ class SpatialSvdFactors:
     last: np.ndarray
     singular_values: np.ndarray
     evbmf_rank: int | None
+    layout: str = "OIHW"
 
     @property
     def residual_energy(self) -> float:
@@ -125,10 +132,12 @@ def unfold_weight(weight: np.ndarray, mode: DecomposeMode) -> np.ndarray:
 KEEP_KERNEL_MAX_BYTES = 256 << 20
 
 
-def _fold(blocks: KernelBlocks, u_r: np.ndarray, core: np.ndarray,
-          mode: DecomposeMode) -> tuple[np.ndarray, np.ndarray]:
-    """Fold U_r (L×r) and the core (r×M), in the row and column order of ``blocks``, back
-    into the first and last conv kernels."""
+def _fold(blocks: KernelBlocks, u_r: np.ndarray, core: np.ndarray, mode: DecomposeMode,
+          layout: str = "OIHW") -> tuple[np.ndarray, np.ndarray]:
+    """Fold U_r (L×r) and the core (from :meth:`KernelBlocks.core`), in the row and column
+    order of ``blocks``, back into the first and last conv kernels in ``layout``. The folds
+    are views until the one copy into the layout asked for, which for a TensorFlow kernel
+    (rows and columns kernel index first) in HWIO is none where U_r is the first conv."""
     u_is_first = _LAYOUT[mode][2]
     rank = u_r.shape[1]
     # U_r holds the row axes (a channel axis and a kernel axis); the core the column axes.
@@ -141,6 +150,8 @@ def _fold(blocks: KernelBlocks, u_r: np.ndarray, core: np.ndarray,
     else:  # rows = (Cout, k): last[o, k, ...] = U[(o, h), k]
         last = u_part.transpose(1, 0, 2).reshape(last_shape)
         first = core_part.reshape(first_shape)
+    if layout == "HWIO":
+        first, last = first.transpose(2, 3, 1, 0), last.transpose(2, 3, 1, 0)
     return np.ascontiguousarray(first), np.ascontiguousarray(last)
 
 
@@ -315,7 +326,8 @@ def _check_finite(blocks: KernelBlocks, gram: np.ndarray) -> None:
 
 def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: DecomposeMode,
                      rank: int | None = None,
-                     compute_dtype: np.dtype | type | None = None) -> SpatialSvdFactors:
+                     compute_dtype: np.dtype | type | None = None,
+                     layout: str = "OIHW") -> SpatialSvdFactors:
     """Split ``weight`` (Cout, Cin, KH, KW) in ``mode`` at ``rank`` (the rank rule when None).
 
     ``weight`` is the kernel, or a function returning it: a plugin whose kernels live on disk
@@ -325,9 +337,11 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
     not held meanwhile: peak memory one or two kernel-sized arrays lower). No applicability
     check: callers use :func:`decompose_conv_weight` for that. The factors are returned in the
     compute precision (float64 for small kernels, float32 for large ones unless
-    ``compute_dtype`` says otherwise).
+    ``compute_dtype`` says otherwise), and in ``layout`` (OIHW, or HWIO for TensorFlow).
     """
     _check_mode(mode)
+    if layout not in LAYOUTS:
+        raise DecompositionError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     load = weight if callable(weight) else None
     kernel = _checked_kernel(load() if load is not None else weight)
     shape = kernel.shape
@@ -372,11 +386,11 @@ def factorize_kernel(weight: np.ndarray | Callable[[], np.ndarray], mode: Decomp
         blocks = KernelBlocks(kernel, rows, cols, compute_dtype)
         del kernel
     core = blocks.core(u_r)
-    first, last = _fold(blocks, u_r, core, mode)
+    first, last = _fold(blocks, u_r, core, mode, layout)
     del blocks
     return SpatialSvdFactors(mode=mode, rank=u_r.shape[1], first=first, last=last,
                              singular_values=singular,
-                             evbmf_rank=evbmf[0] if evbmf else None)
+                             evbmf_rank=evbmf[0] if evbmf else None, layout=layout)
 
 
 def decompose_conv_weight(weight: np.ndarray, stride: int | Sequence[int] = 1,

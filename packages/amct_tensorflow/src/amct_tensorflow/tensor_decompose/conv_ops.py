@@ -149,10 +149,13 @@ def make_change(site: ConvSite, factors: SpatialSvdFactors, variable_owner: str
     """The change record of ``site`` and its two HWIO factor kernels.
 
     ``variable_owner`` is the conv whose name scope holds the factor variables: the conv
-    itself, or the first conv of a group that shares one kernel variable.
+    itself, or the first conv of a group that shares one kernel variable. ``factors`` may be
+    in either layout of the core (HWIO as :func:`factorize_kernel` gives it for TensorFlow).
     """
-    first = oihw_to_hwio(factors.first)
-    last = oihw_to_hwio(factors.last)
+    if factors.layout == "HWIO":
+        first, last = factors.first, factors.last
+    else:
+        first, last = oihw_to_hwio(factors.first), oihw_to_hwio(factors.last)
     first_along_h = first.shape[1] == 1  # (kh, 1, Cin, r): the first conv spans H
     parts = []
     for part, kernel, along_h in (("decom_first", first, first_along_h),

@@ -135,10 +135,11 @@ def _checkpoint_key(variable: tf.Variable) -> str:
 
 
 def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` in ``dtype`` (clipped to its range), not copied when they already are."""
     if np.issubdtype(dtype, np.floating) and np.finfo(dtype).max < np.finfo(values.dtype).max:
         limit = np.finfo(dtype).max
         values = np.clip(values, -limit, limit)
-    return values.astype(dtype)
+    return values.astype(dtype, copy=False)
 
 
 def _tensor_reader(reader: tf.train.CheckpointReader, ckpt_path: str,
@@ -194,7 +195,7 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
         return hwio_to_oihw(pending.pop() if pending else read(kernel))
 
     try:
-        factors = factorize_kernel(load_kernel, mode)
+        factors = factorize_kernel(load_kernel, mode, layout="HWIO")
     except DecompositionError as error:
         logger.warning("Conv '%s' is not decomposed: %s", group[0].name, error)
         return []
