@@ -217,7 +217,11 @@ def test_reduce_to_band_needs_fortran_order():
         two_stage.reduce_to_band(g, 4)
 
 
-def test_band_operator_product_equals_the_dense_band():
+@pytest.mark.parametrize("slab_rows", [128, 16, 7])
+def test_band_operator_product_equals_the_dense_band(monkeypatch, slab_rows):
+    # n = 100, kd = 12: one slab, or slabs whose band is cut by the matrix's first and last
+    # columns, and a last slab shorter than the others.
+    monkeypatch.setattr(band_subspace, "SLAB_ROWS", slab_rows)
     g = gram_of(patches(10, 800), np.float64)
     band, _ = two_stage.reduce_to_band(g, 12)
     x = np.random.default_rng(1).standard_normal((band.shape[1], 7))

@@ -74,26 +74,29 @@ class _BandOperator:
     def __init__(self, band: np.ndarray, dtype: np.dtype, shift: float = 0.0):
         kd, n = band.shape[0] - 1, band.shape[1]
         self.shift = float(shift)
+        # Row r of B − shift·I around its diagonal: rows[r, kd + t] = B[r, r + t], |t| ≤ kd
+        # (zero outside the matrix), from the band's diagonals: B[r, r − o] = band[o, r − o]
+        # and its mirror B[r, r + o] = band[o, r].
+        rows = np.zeros((n, 2 * kd + 1), dtype=dtype)
+        for offset in range(kd + 1):
+            rows[offset:, kd - offset] = band[offset, :n - offset]
+            rows[:n - offset, kd + offset] = band[offset, :n - offset]
+        rows[:, kd] -= self.shift
         self.slabs = []
         for r0 in range(0, n, SLAB_ROWS):
             r1 = min(n, r0 + SLAB_ROWS)
             c0, c1 = max(0, r0 - kd), min(n, r1 + kd)
-            slab = np.zeros((r1 - r0, c1 - c0), dtype=dtype)
-            for offset in range(kd + 1):
-                # B[j + offset, j] = band[offset, j] and its mirror B[j, j + offset].
-                lo = max(r0 - offset, c0, 0)
-                hi = min(r1 - offset, c1, n - offset)
-                if hi > lo:
-                    j = np.arange(lo, hi)
-                    slab[j + offset - r0, j - c0] = band[offset, lo:hi]
-                lo = max(r0, c0 - offset, 0)
-                hi = min(r1, c1 - offset, n - offset)
-                if offset and hi > lo:
-                    j = np.arange(lo, hi)
-                    slab[j - r0, j + offset - c0] = band[offset, lo:hi]
-            rows = np.arange(r1 - r0)
-            slab[rows, rows + r0 - c0] -= self.shift
-            self.slabs.append((r0, r1, c0, c1, slab))
+            # Row i of the slab holds rows[r0 + i] from column r0 + i − kd on: a skewed view
+            # (one element further along each row) of a slab as wide as an inner one.
+            padded = np.zeros((r1 - r0, r1 - r0 + 2 * kd), dtype=dtype)
+            skewed = np.lib.stride_tricks.as_strided(
+                padded, shape=(r1 - r0, 2 * kd + 1),
+                strides=(padded.strides[0] + padded.strides[1], padded.strides[1]),
+                writeable=True)
+            skewed[...] = rows[r0:r1]
+            first = c0 - (r0 - kd)  # columns before it are left of the matrix (zeros)
+            slab = padded[:, first:first + c1 - c0]
+            self.slabs.append((r0, r1, c0, c1, np.ascontiguousarray(slab)))
 
     def step(self, current: np.ndarray, alpha: float, out: np.ndarray,
              beta: float = 0.0) -> np.ndarray:
