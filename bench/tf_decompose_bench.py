@@ -70,6 +70,9 @@ def child_write(shape: tuple[int, ...], folder: str) -> None:
         with tf1.Session() as session:
             session.run(tf1.global_variables_initializer(), {value: kernel})
             saver.save(session, os.path.join(folder, "base", "model"))
+    # A user's checkpoint was written long before it is decomposed: flush it to disk now, so
+    # that the kernel's writeback does not run during the timed decomposition.
+    os.sync()
 
 
 def child_decompose(shape: tuple[int, ...], folder: str, out: str) -> None:
