@@ -16,6 +16,7 @@ from amct_core.decompose import (
     unfold_weight,
 )
 from amct_core.decompose import spatial_svd as spatial_svd_module
+from amct_core.errors import DecompositionError
 
 pytestmark = pytest.mark.skipif(not two_stage.available(np.float32),
                                 reason="this SciPy's LAPACK has no two-stage reduction")
@@ -377,3 +378,72 @@ def test_rank_deficient_kernels_converge(monkeypatch, dtype, kind):
     optimal = np.sum(singular[factors.rank:] ** 2)
     rounding = 1e3 * np.finfo(dtype).eps * np.sum(singular ** 2)
     assert error <= optimal * (1 + 1.5e-3) + rounding
+
+
+def householder_product(reflectors: np.ndarray, tau: np.ndarray, kd: int) -> np.ndarray:
+    """Q1 = H(0) H(1) ⋯ as a dense matrix, one reflector at a time (independent of the blocked
+    code)."""
+    n = reflectors.shape[0]
+    q = np.eye(n)
+    for i in range(tau.shape[0]):
+        v = np.zeros(n)
+        v[kd + i] = 1.0
+        v[kd + i + 1:] = reflectors[kd + i + 1:, i]
+        q = q - tau[i] * np.outer(q @ v, v)
+    return q
+
+
+@pytest.mark.parametrize("block", [256, 8, 5])
+def test_band_reflectors_apply_in_blocks_as_one_at_a_time(monkeypatch, block):
+    # Blocks of V are read where they lie below their top rows; a τ = 0 reflector (H = I,
+    # as for a zero column) makes its block go through a copy with that column zeroed.
+    monkeypatch.setattr(two_stage, "REFLECTOR_BLOCK", block)
+    g = gram_of(patches(6, 300), np.float64)
+    kd = 3
+    work = np.asfortranarray(g.copy())
+    _, tau = two_stage.reduce_to_band(work, kd)
+    tau = tau.copy()
+    tau[[4, 17]] = 0.0
+    expected = householder_product(work, tau, kd)
+    x = np.random.default_rng(5).standard_normal((g.shape[0], 4))
+    blocks = two_stage.reflector_blocks(work, tau, kd)
+    assert [top is None for _, _, top, _ in blocks] == \
+        [bool(np.any(tau[start:stop] == 0)) for start, stop, _, _ in blocks]
+    assert sum(top is None for _, _, top, _ in blocks) >= (1 if block == 256 else 2)
+    np.testing.assert_allclose(two_stage.apply_band_reflectors(work, tau, kd, x), expected @ x,
+                               atol=1e-12)
+    np.testing.assert_array_equal(
+        two_stage.apply_band_reflectors(work, tau, kd, x, blocks=blocks),
+        two_stage.apply_band_reflectors(work, tau, kd, x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tridiagonal_eigenvalues_are_lapacks_sterf(monkeypatch, dtype):
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    rng = np.random.default_rng(6)
+    diag, offdiag = rng.standard_normal(300).astype(dtype), rng.standard_normal(299).astype(dtype)
+    expected = np.sort(eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf")
+                       .astype(np.float64))
+    kept = diag.copy(), offdiag.copy()
+    values = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+    assert values.dtype == np.float64
+    np.testing.assert_array_equal(values, expected)  # the same routine, through ctypes
+    np.testing.assert_array_equal(diag, kept[0])
+    np.testing.assert_array_equal(offdiag, kept[1])
+    routines = dict(two_stage._ROUTINES[two_stage._prefix(np.dtype(dtype))])
+    routines["sterf"] = None
+    monkeypatch.setitem(two_stage._ROUTINES, two_stage._prefix(np.dtype(dtype)), routines)
+    np.testing.assert_array_equal(two_stage.tridiagonal_eigenvalues(diag, offdiag), expected)
+
+
+def test_a_failure_of_sterf_on_its_thread_reaches_the_caller(monkeypatch):
+    def fail(diag, offdiag):
+        raise np.linalg.LinAlgError("3 eigenvalues did not converge")
+
+    monkeypatch.setattr(two_stage, "tridiagonal_eigenvalues", fail)
+    monkeypatch.setattr(spatial_svd_module, "TWO_STAGE_MIN_ROWS", 16)
+    weight = np.random.default_rng(7).standard_normal((40, 30, 3, 3)).astype(np.float32)
+    with pytest.raises(DecompositionError, match="two-stage reduction failed .*did not "
+                                                 "converge"):
+        factorize_kernel(weight, DecomposeMode.FCFK, rank=8)

@@ -36,6 +36,7 @@ Memory: the kernel (or that one copy of it) and G, in float32 for large kernels.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -274,6 +275,31 @@ BAND_WIDTH = 96
 SUBSPACE_TOLERANCE = 1e-3
 
 
+def _eigenvalues_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors: np.ndarray,
+                               tau: np.ndarray) -> tuple[np.ndarray, list]:
+    """(eigenvalues of the tridiagonal matrix, :func:`two_stage.reflector_blocks`): ``?sterf``
+    (one core, no BLAS) on a thread of its own while this one computes the blocks of the
+    back-transform with SciPy's BLAS on one thread, so the two overlap."""
+    outcome: dict[str, object] = {}
+
+    def spectrum() -> None:
+        try:
+            outcome["values"] = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+        except BaseException as error:  # handed to the caller below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=spectrum, name="amct-sterf", daemon=True)
+    worker.start()
+    try:
+        with two_stage.one_blas_thread():
+            blocks = two_stage.reflector_blocks(reflectors, tau, BAND_WIDTH)
+    finally:
+        worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["values"], blocks
+
+
 def _two_stage_spectrum_and_top_vectors(
         gram: np.ndarray,
         choose_rank: Callable[[np.ndarray], int]) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +308,8 @@ def _two_stage_spectrum_and_top_vectors(
     :data:`SUBSPACE_TOLERANCE` of the optimal factor error."""
     try:
         band, tau = two_stage.reduce_to_band(gram, BAND_WIDTH)
-        eigenvalues = two_stage.band_eigenvalues(band)
+        diag, offdiag = two_stage.band_tridiagonal(band)
+        eigenvalues, blocks = _eigenvalues_beside_blocks(diag, offdiag, gram, tau)
     except np.linalg.LinAlgError as error:
         raise DecompositionError(f"two-stage reduction failed ({error})") from error
     singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
@@ -295,7 +322,7 @@ def _two_stage_spectrum_and_top_vectors(
         _LOGGER.warning("the rank-%d factors are %.3g%% above the optimal error (target "
                         "%.3g%%)", rank, 100.0 * excess, 100.0 * SUBSPACE_TOLERANCE)
     return singular, two_stage.apply_band_reflectors(gram, tau, BAND_WIDTH, vectors,
-                                                     overwrite_vectors=True)
+                                                     overwrite_vectors=True, blocks=blocks)
 
 
 def _checked_kernel(weight: np.ndarray) -> np.ndarray:

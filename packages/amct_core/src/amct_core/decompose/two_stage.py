@@ -45,8 +45,8 @@ _BLOCKED = ("geqrt3", "geqrf", "larft", "symm", "syr2k")
 
 def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
     """{'s': {...}, 'd': {...}} from ``library``, or {}: per precision the ctypes functions
-    'sy2sb' and 'sb2st', 'kernels' (the address of ``?sb2st_kernels``, or None) and 'blocked'
-    (the functions of :data:`_BLOCKED`, or None where one is missing)."""
+    'sy2sb', 'sb2st' and 'sterf' (or None), 'kernels' (the address of ``?sb2st_kernels``, or
+    None) and 'blocked' (the functions of :data:`_BLOCKED`, or None where one is missing)."""
     if library is None:  # pragma: no cover
         return {}
 
@@ -66,7 +66,7 @@ def _load(library: ctypes.CDLL | None) -> dict[str, dict[str, object]]:
             kernels = lookup(spelling, f"{prefix}sb2st_kernels")
             blocked = {name: lookup(spelling, prefix + name) for name in _BLOCKED}
             found[prefix] = {
-                "sy2sb": sy2sb, "sb2st": sb2st,
+                "sy2sb": sy2sb, "sb2st": sb2st, "sterf": lookup(spelling, f"{prefix}sterf"),
                 "kernels": None if kernels is None else ctypes.cast(kernels,
                                                                     ctypes.c_void_p).value,
                 "blocked": blocked if all(f is not None for f in blocked.values()) else None}
@@ -100,7 +100,7 @@ except Exception:  # pragma: no cover - never let an exotic SciPy build break th
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
+def one_blas_thread() -> Iterator[None]:
     """Run the body with SciPy's OpenBLAS on one thread (then restore the count).
 
     The bulge-chasing kernels call level-2 BLAS on blocks of about kd × kd; from kd ≈ 96 on,
@@ -289,21 +289,51 @@ def _lapack_reduce_to_band(matrix: np.ndarray, kd: int) -> tuple[np.ndarray, np.
 
 
 def band_eigenvalues(band: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """All eigenvalues (ascending, float64) of the symmetric band matrix in lower band storage.
-
-    Bulge chasing to a tridiagonal matrix (on ``threads`` threads, :func:`bulge_threads` when
-    None: the fused kernels where :func:`fused_chase`, else LAPACK's kernels, or LAPACK's
-    ``?sytrd_sb2st`` on one thread), then ``?sterf``. ``band`` is not modified.
+    """All eigenvalues (ascending, float64) of the symmetric band matrix in lower band storage:
+    :func:`band_tridiagonal`, then :func:`tridiagonal_eigenvalues`. ``band`` is not modified.
     """
+    return tridiagonal_eigenvalues(*band_tridiagonal(band, threads))
+
+
+def band_tridiagonal(band: np.ndarray,
+                     threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(diagonal, off-diagonal) of a tridiagonal matrix with the eigenvalues of the symmetric
+    band matrix ``band`` (lower band storage, not modified), by bulge chasing: on ``threads``
+    threads (:func:`bulge_threads` when None) with the fused kernels where
+    :func:`fused_chase`, else with LAPACK's kernels, or LAPACK's ``?sytrd_sb2st`` on one
+    thread."""
     kd, n = band.shape[0] - 1, band.shape[1]
     threads = bulge_threads(band.dtype) if threads is None else int(threads)
     fused = fused_chase(band.dtype)
-    with _one_blas_thread():
+    with one_blas_thread():
         if (threads > 1 or fused) and kd >= 2 and n > kd + 1:
             diag, offdiag = _parallel_tridiagonal(band, threads, fused)
         else:
             diag, offdiag = _lapack_tridiagonal(band)
-    values = eigvalsh_tridiagonal(diag, offdiag[:n - 1], lapack_driver="sterf")
+    return diag, offdiag[:max(n - 1, 0)]
+
+
+def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray) -> np.ndarray:
+    """All eigenvalues (ascending, float64) of the symmetric tridiagonal matrix, by LAPACK's
+    ``?sterf`` (Pal-Walker-Kahan QR), in the precision of ``diag``.
+
+    Called through ``ctypes`` where the routine is found, which releases the GIL: the
+    solver runs it on a thread of its own while it prepares the back-transform (one core
+    for each, instead of ``?sterf`` alone on one of the two).
+    """
+    n = diag.shape[0]
+    sterf = _ROUTINES.get(_prefix(diag.dtype), {}).get("sterf")
+    if sterf is None or n < 2:
+        values = eigvalsh_tridiagonal(diag, offdiag[:max(n - 1, 0)], lapack_driver="sterf")
+        return np.sort(values.astype(np.float64))
+    values = np.array(diag, order="C", copy=True)
+    work = np.zeros(n, dtype=diag.dtype)
+    work[:n - 1] = offdiag[:n - 1]
+    info = _INT(0)
+    sterf(ctypes.byref(_INT(n)), _ptr(values), _ptr(work), ctypes.byref(info))
+    if info.value != 0:
+        raise np.linalg.LinAlgError(f"{_prefix(diag.dtype)}sterf: {info.value} eigenvalues "
+                                    f"did not converge")
     return np.sort(values.astype(np.float64))
 
 
@@ -361,48 +391,105 @@ def _lapack_tridiagonal(band: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 REFLECTOR_BLOCK = 256
 
 
-def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: int,
-                          vectors: np.ndarray, overwrite_vectors: bool = False) -> np.ndarray:
-    """Return Q1 · ``vectors`` for the Q1 of :func:`reduce_to_band` (``vectors`` is n × r).
-    With ``overwrite_vectors``, a C-ordered ``vectors`` of the reflectors' dtype is updated in
-    place and returned (no copy of the n × r block).
+def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
+                     bandwidth: int) -> list[tuple[int, int, np.ndarray | None, np.ndarray]]:
+    """The blocks of Q1 (see :func:`apply_band_reflectors`), last first: (start, stop, top,
+    T⁻¹) for reflectors start..stop−1, with ``top`` their unit lower-triangular w × w top rows
+    (copied; below them the reflectors are used where they lie in ``reflectors``) and
+    T⁻¹ = diag(1/τ) + striu(VᵀV) in float64. Where a block has a τ = 0 (H = I), ``top`` is
+    None and the block is copied whole when it is applied, that reflector zeroed.
 
-    Q1 = H(0) H(1) ⋯ H(n−kd−1), H(i) = I − τ_i v_i v_iᵀ. Blocks of b reflectors are applied as
-    I − V T Vᵀ (compact WY form, Schreiber and Van Loan 1989) with T⁻¹ = diag(1/τ) +
-    striu(VᵀV) (Joffrain, Low, Quintana-Ortí, van de Geijn, Van Zee 2006), last block first,
-    each with two matrix products, so it runs at matrix-multiply speed.
+    Independent of the vectors Q1 is applied to: the solver computes the blocks while
+    ``?sterf`` runs on the other core.
     """
     kd = int(bandwidth)
     count = tau.shape[0]
     dtype = reflectors.dtype
-    in_place = overwrite_vectors and vectors.dtype == dtype and vectors.flags.c_contiguous
-    result = vectors if in_place else np.array(vectors, dtype=dtype, order="C", copy=True)
-    if count == 0:
-        return result
-    below = result[kd:]  # rows the reflectors act on; C order, so .T is Fortran order
-    gemm = get_blas_funcs("gemm", (result,))
+    blocks = []
     block = REFLECTOR_BLOCK
-    for start in range((count - 1) // block * block, -1, -block):
+    for start in range((count - 1) // block * block if count else -1, -1, -block):
         stop = min(count, start + block)
         width = stop - start
-        v = np.array(reflectors[kd + start:, start:stop], order="F", copy=True)
-        top = v[:width]
-        top[np.triu_indices(width)] = 0.0
-        top[np.arange(width), np.arange(width)] = 1.0
         scale = tau[start:stop].astype(np.float64)
         trivial = scale == 0.0
         if trivial.any():
-            v[:, trivial] = 0.0
-        t_inverse = np.triu(gemm(1.0, v, v, trans_a=1).astype(np.float64), 1)
+            v = _block_copy(reflectors, tau, kd, start, stop)
+            top = None
+            product = blas.gram_into(v, np.zeros((width, width), dtype=dtype, order="F"),
+                                     lower=False)
+        else:
+            top = _unit_top(reflectors, kd, start, stop)
+            product = blas.gram_into(top, np.zeros((width, width), dtype=dtype, order="F"),
+                                     lower=False)
+            rest = reflectors[kd + stop:, start:stop]
+            if rest.shape[0]:
+                blas.gram_into(rest, product, beta=1.0, lower=False)
+        t_inverse = np.triu(product.astype(np.float64), 1)
         t_inverse[np.arange(width), np.arange(width)] = np.where(
             trivial, 1.0, 1.0 / np.where(trivial, 1.0, scale))
+        blocks.append((start, stop, top, t_inverse))
+    return blocks
+
+
+def _unit_top(reflectors: np.ndarray, kd: int, start: int, stop: int) -> np.ndarray:
+    """The top w × w rows of block start..stop of V: unit diagonal, zeros above it."""
+    width = stop - start
+    top = np.array(reflectors[kd + start:kd + stop, start:stop], order="F", copy=True)
+    top[np.triu_indices(width)] = 0.0
+    top[np.arange(width), np.arange(width)] = 1.0
+    return top
+
+
+def _block_copy(reflectors: np.ndarray, tau: np.ndarray, kd: int, start: int,
+                stop: int) -> np.ndarray:
+    """Block start..stop of V whole, with the columns of τ = 0 reflectors zeroed."""
+    v = np.array(reflectors[kd + start:, start:stop], order="F", copy=True)
+    v[:stop - start] = _unit_top(reflectors, kd, start, stop)
+    v[:, tau[start:stop] == 0] = 0.0
+    return v
+
+
+def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: int,
+                          vectors: np.ndarray, overwrite_vectors: bool = False,
+                          blocks: list | None = None) -> np.ndarray:
+    """Return Q1 · ``vectors`` for the Q1 of :func:`reduce_to_band` (``vectors`` is n × r).
+    With ``overwrite_vectors``, a C-ordered ``vectors`` of the reflectors' dtype is updated in
+    place and returned (no copy of the n × r block). ``blocks``: :func:`reflector_blocks` of
+    the same reflectors, when already computed.
+
+    Q1 = H(0) H(1) ⋯ H(n−kd−1), H(i) = I − τ_i v_i v_iᵀ. Blocks of b reflectors are applied as
+    I − V T Vᵀ (compact WY form, Schreiber and Van Loan 1989) with T⁻¹ = diag(1/τ) +
+    striu(VᵀV) (Joffrain, Low, Quintana-Ortí, van de Geijn, Van Zee 2006), last block first,
+    each with two matrix products, so it runs at matrix-multiply speed. Below its top rows a
+    block of V is read where it lies in ``reflectors`` (no copy of the n × b block).
+    """
+    kd = int(bandwidth)
+    dtype = reflectors.dtype
+    in_place = overwrite_vectors and vectors.dtype == dtype and vectors.flags.c_contiguous
+    result = vectors if in_place else np.array(vectors, dtype=dtype, order="C", copy=True)
+    if tau.shape[0] == 0:
+        return result
+    if blocks is None:
+        blocks = reflector_blocks(reflectors, tau, kd)
+    below = result[kd:]  # rows the reflectors act on; C order, so .T is Fortran order
+    rank = result.shape[1]
+    for start, stop, top, t_inverse in blocks:
+        width = stop - start
         target = below[start:]
-        # Vᵀ C (width × r), taken as its transpose Cᵀ V: OpenBLAS runs that orientation,
-        # with no operand transposed, about 25 % faster (172 against 135 GFLOP/s here).
-        product = gemm(1.0, target.T, v).T
-        coefficients = solve_triangular(t_inverse, product.astype(np.float64), lower=False,
+        if top is None:
+            parts = [(target, _block_copy(reflectors, tau, kd, start, stop))]
+        else:
+            parts = [(target[:width], top), (target[width:], reflectors[kd + stop:, start:stop])]
+        # (Vᵀ C)ᵀ = Cᵀ V (r × width), the orientation OpenBLAS runs fastest (no operand
+        # transposed: 172 against 135 GFLOP/s here), summed over the parts of V.
+        product = np.empty((rank, width), dtype=dtype, order="F")
+        for index, (rows, v) in enumerate(parts):
+            if rows.shape[0]:
+                blas.matmul_into(rows.T, v, product, beta=float(index > 0))
+        coefficients = solve_triangular(t_inverse, product.T.astype(np.float64), lower=False,
                                         check_finite=False).astype(dtype)
-        # C ← C − V (T Vᵀ C), computed as Cᵀ ← Cᵀ − (T Vᵀ C)ᵀ Vᵀ in place.
-        gemm(-1.0, coefficients, v, beta=1.0, c=target.T, trans_a=1, trans_b=1,
-             overwrite_c=1)
+        # C ← C − V (T Vᵀ C), computed as Cᵀ ← Cᵀ − (T Vᵀ C)ᵀ Vᵀ in place, part by part.
+        for rows, v in parts:
+            if rows.shape[0]:
+                blas.matmul_into(coefficients.T, v.T, rows.T, alpha=-1.0, beta=1.0)
     return result
