@@ -99,20 +99,40 @@ typedef struct {
 #define AMCT_FUSED 1
 #define AMCT_AVX512 __attribute__((target("avx512f")))
 
+/* Store the lanes of k: a plain store when all sixteen are (a masked store costs several
+ * times more on some CPUs, AMD Zen 4 among them). */
+AMCT_AVX512 static inline void store_rows(float *p, __mmask16 k, __m512 value) {
+    if (k == (__mmask16)0xFFFF)
+        _mm512_storeu_ps(p, value);
+    else
+        _mm512_mask_storeu_ps(p, k, value);
+}
+
 /* LAPACK ?larfg: the reflector H = I - tau (1; x')(1; x')^T with H (alpha; x) = (beta; 0);
  * alpha is replaced by beta and x by x'. */
-static void larfg_s(int m, float *alpha, float *x, float *tau) {
-    double squares = 0.0;
-    for (int i = 0; i < m - 1; ++i) squares += (double)x[i] * (double)x[i];
+AMCT_AVX512 static void larfg_s(int m, float *alpha, float *x, float *tau) {
+    __m512d sums = _mm512_setzero_pd();
+    for (int i = 0; i < m - 1; i += 8) {
+        const int count = m - 1 - i;
+        const __mmask16 k = count >= 8 ? (__mmask16)0xFF : (__mmask16)((1u << count) - 1u);
+        const __m512d xi =
+            _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(k, x + i)));
+        sums = _mm512_fmadd_pd(xi, xi, sums);
+    }
+    const double squares = m > 1 ? _mm512_reduce_add_pd(sums) : 0.0;
     if (m <= 1 || squares == 0.0) {
         *tau = 0.0f;
         return;
     }
     const double a = *alpha;
     const double beta = -copysign(sqrt(a * a + squares), a);
-    const float scale = (float)(1.0 / (a - beta));
+    const __m512 scale = _mm512_set1_ps((float)(1.0 / (a - beta)));
     *tau = (float)((beta - a) / beta);
-    for (int i = 0; i < m - 1; ++i) x[i] *= scale;
+    for (int i = 0; i < m - 1; i += 16) {
+        const int count = m - 1 - i;
+        const __mmask16 k = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+        store_rows(x + i, k, _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(k, x + i)));
+    }
     *alpha = (float)beta;
 }
 
@@ -141,7 +161,10 @@ AMCT_AVX512 static inline __m128 sum4(__m512 t0, __m512 t1, __m512 t2, __m512 t3
 AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int ld,
                                 float *w) {
     if (tau == 0.0f) return;
-    for (int i = 0; i < m; ++i) w[i] = 0.0f;
+    /* w holds whole chunks of 16 rows (the work buffer has room): it is loaded and stored
+     * unmasked at the same 16-row offsets for every block of columns, so that each load is
+     * served by the store before it (a masked or shifted store would stall it). */
+    for (int i = 0; i < m; i += 16) _mm512_storeu_ps(w + i, _mm512_setzero_ps());
     int j = 0;
     for (; j + 4 <= m; j += 4) {
         const float *c0 = A + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
@@ -154,8 +177,10 @@ AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int 
         const __m512 b0 = _mm512_set1_ps(v0), b1 = _mm512_set1_ps(v1),
                      b2 = _mm512_set1_ps(v2), b3 = _mm512_set1_ps(v3);
         __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-        for (int i = j + 4; i < m; i += 16) {
-            const __mmask16 k = rows_below(i, m);
+        for (int i = (j + 4) & ~15; i < m; i += 16) {
+            /* rows j + 4 .. m - 1 of this chunk; the others read as zeros */
+            __mmask16 k = rows_below(i, m);
+            if (i < j + 4) k &= (__mmask16)(0xFFFFu << (j + 4 - i));
             const __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
             const __m512 x0 = _mm512_maskz_loadu_ps(k, c0 + i);
             const __m512 x1 = _mm512_maskz_loadu_ps(k, c1 + i);
@@ -165,12 +190,12 @@ AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int 
             t1 = _mm512_fmadd_ps(x1, vi, t1);
             t2 = _mm512_fmadd_ps(x2, vi, t2);
             t3 = _mm512_fmadd_ps(x3, vi, t3);
-            __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
+            __m512 wi = _mm512_loadu_ps(w + i);
             wi = _mm512_fmadd_ps(b0, x0, wi);
             wi = _mm512_fmadd_ps(b1, x1, wi);
             wi = _mm512_fmadd_ps(b2, x2, wi);
             wi = _mm512_fmadd_ps(b3, x3, wi);
-            _mm512_mask_storeu_ps(w + i, k, wi);
+            _mm512_storeu_ps(w + i, wi);
         }
         const __m128 d = _mm_add_ps(sum4(t0, t1, t2, t3), _mm_setr_ps(d0, d1, d2, d3));
         _mm_storeu_ps(w + j, _mm_add_ps(_mm_loadu_ps(w + j), d));
@@ -195,19 +220,37 @@ AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int 
         const __mmask16 k = rows_below(i, m);
         const __m512 wi = _mm512_fmadd_ps(alpha, _mm512_maskz_loadu_ps(k, v + i),
                                           _mm512_maskz_loadu_ps(k, w + i));
-        _mm512_mask_storeu_ps(w + i, k, wi);
+        store_rows(w + i, k, wi);
     }
-    for (j = 0; j < m; ++j) {
-        float *c = A + (ptrdiff_t)j * ld;
-        const __m512 tw = _mm512_set1_ps(tau * w[j]), tv = _mm512_set1_ps(tau * v[j]);
-        for (int i = j; i < m; i += 16) {
+    /* A -= tau (v w^T + w v^T): four columns at a time below their diagonal block, which
+     * loads v and w once for the four. */
+    for (j = 0; j + 4 <= m; j += 4) {
+        float *c0 = A + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
+        float *cols[4] = {c0, c1, c2, c3};
+        for (int q = 0; q < 4; ++q) /* the diagonal block's lower triangle */
+            for (int i = j + q; i < j + 4; ++i)
+                cols[q][i] -= tau * (v[i] * w[j + q] + w[i] * v[j + q]);
+        const __m512 tw0 = _mm512_set1_ps(tau * w[j]), tv0 = _mm512_set1_ps(tau * v[j]);
+        const __m512 tw1 = _mm512_set1_ps(tau * w[j + 1]), tv1 = _mm512_set1_ps(tau * v[j + 1]);
+        const __m512 tw2 = _mm512_set1_ps(tau * w[j + 2]), tv2 = _mm512_set1_ps(tau * v[j + 2]);
+        const __m512 tw3 = _mm512_set1_ps(tau * w[j + 3]), tv3 = _mm512_set1_ps(tau * v[j + 3]);
+        for (int i = j + 4; i < m; i += 16) {
             const __mmask16 k = rows_below(i, m);
-            const __m512 change = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, v + i), tw,
-                                                  _mm512_mul_ps(_mm512_maskz_loadu_ps(k, w + i),
-                                                                tv));
-            _mm512_mask_storeu_ps(c + i, k, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, c + i),
-                                                          change));
+            const __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
+            const __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
+            store_rows(c0 + i, k, _mm512_fnmadd_ps(wi, tv0, _mm512_fnmadd_ps(
+                vi, tw0, _mm512_maskz_loadu_ps(k, c0 + i))));
+            store_rows(c1 + i, k, _mm512_fnmadd_ps(wi, tv1, _mm512_fnmadd_ps(
+                vi, tw1, _mm512_maskz_loadu_ps(k, c1 + i))));
+            store_rows(c2 + i, k, _mm512_fnmadd_ps(wi, tv2, _mm512_fnmadd_ps(
+                vi, tw2, _mm512_maskz_loadu_ps(k, c2 + i))));
+            store_rows(c3 + i, k, _mm512_fnmadd_ps(wi, tv3, _mm512_fnmadd_ps(
+                vi, tw3, _mm512_maskz_loadu_ps(k, c3 + i))));
         }
+    }
+    for (; j < m; ++j) { /* at most three columns, at the bottom right */
+        float *c = A + (ptrdiff_t)j * ld;
+        for (int i = j; i < m; ++i) c[i] -= tau * (v[i] * w[j] + w[i] * v[j]);
     }
 }
 
@@ -218,7 +261,9 @@ AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int 
  * products with u, and the left update while they are in the first-level cache. */
 AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float tau, float *C,
                                           int ld, float *u, float *tau_u, float *x) {
-    for (int i = 0; i < lm; ++i) x[i] = 0.0f;
+    /* x holds whole chunks of 16 rows (the work buffer has room), loaded and stored
+     * unmasked, so that each load is served by the store before it. */
+    for (int i = 0; i < lm; i += 16) _mm512_storeu_ps(x + i, _mm512_setzero_ps());
     if (tau != 0.0f) {
         int j = 0;
         for (; j + 4 <= ln; j += 4) {
@@ -228,12 +273,12 @@ AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float 
                          b2 = _mm512_set1_ps(v[j + 2]), b3 = _mm512_set1_ps(v[j + 3]);
             for (int i = 0; i < lm; i += 16) {
                 const __mmask16 k = rows_below(i, lm);
-                __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
+                __m512 xi = _mm512_loadu_ps(x + i);
                 xi = _mm512_fmadd_ps(b0, _mm512_maskz_loadu_ps(k, c0 + i), xi);
                 xi = _mm512_fmadd_ps(b1, _mm512_maskz_loadu_ps(k, c1 + i), xi);
                 xi = _mm512_fmadd_ps(b2, _mm512_maskz_loadu_ps(k, c2 + i), xi);
                 xi = _mm512_fmadd_ps(b3, _mm512_maskz_loadu_ps(k, c3 + i), xi);
-                _mm512_mask_storeu_ps(x + i, k, xi);
+                _mm512_storeu_ps(x + i, xi);
             }
         }
         for (; j < ln; ++j) {
@@ -242,13 +287,17 @@ AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float 
         }
         for (int i = 0; i < lm; ++i) x[i] *= tau;
     }
-    /* First column: C[:, 0] - x v[0], then the new reflector from it. */
-    for (int i = 0; i < lm; ++i) C[i] -= x[i] * v[0];
-    u[0] = 1.0f;
-    for (int i = 1; i < lm; ++i) {
-        u[i] = C[i];
-        C[i] = 0.0f;
+    /* First column: C[:, 0] - x v[0] into u (its head stays in C), zeros below the head,
+     * then the new reflector from it. */
+    const __m512 first = _mm512_set1_ps(v[0]);
+    for (int i = 0; i < lm; i += 16) {
+        const __mmask16 k = rows_below(i, lm);
+        store_rows(u + i, k, _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(k, x + i), first,
+                                                         _mm512_maskz_loadu_ps(k, C + i)));
+        store_rows(C + i, k, _mm512_setzero_ps());
     }
+    C[0] = u[0];
+    u[0] = 1.0f;
     larfg_s(lm, C, u + 1, tau_u);
     const float tu = *tau_u;
     int j = 1;
@@ -280,13 +329,13 @@ AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float 
             const __mmask16 k = rows_below(i, lm);
             const __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
             const __m512 ui = _mm512_maskz_loadu_ps(k, u + i);
-            _mm512_mask_storeu_ps(c0 + i, k, _mm512_fnmadd_ps(s0, ui, _mm512_fnmadd_ps(
+            store_rows(c0 + i, k, _mm512_fnmadd_ps(s0, ui, _mm512_fnmadd_ps(
                 xi, b0, _mm512_maskz_loadu_ps(k, c0 + i))));
-            _mm512_mask_storeu_ps(c1 + i, k, _mm512_fnmadd_ps(s1, ui, _mm512_fnmadd_ps(
+            store_rows(c1 + i, k, _mm512_fnmadd_ps(s1, ui, _mm512_fnmadd_ps(
                 xi, b1, _mm512_maskz_loadu_ps(k, c1 + i))));
-            _mm512_mask_storeu_ps(c2 + i, k, _mm512_fnmadd_ps(s2, ui, _mm512_fnmadd_ps(
+            store_rows(c2 + i, k, _mm512_fnmadd_ps(s2, ui, _mm512_fnmadd_ps(
                 xi, b2, _mm512_maskz_loadu_ps(k, c2 + i))));
-            _mm512_mask_storeu_ps(c3 + i, k, _mm512_fnmadd_ps(s3, ui, _mm512_fnmadd_ps(
+            store_rows(c3 + i, k, _mm512_fnmadd_ps(s3, ui, _mm512_fnmadd_ps(
                 xi, b3, _mm512_maskz_loadu_ps(k, c3 + i))));
         }
     }
@@ -427,9 +476,9 @@ static PyObject *chase(PyObject *self, PyObject *args) {
                         "kernels address where the fused float32 kernels cannot run");
         return NULL;
     }
-    if (n < 2 || kd < 2 || lda < 2 * kd + 1 || per_thread < 2 * kd + 2) {
+    if (n < 2 || kd < 2 || lda < 2 * kd + 1 || per_thread < 2 * kd + 16) {
         PyErr_SetString(PyExc_ValueError,
-                        "chase: needs n >= 2, kd >= 2, lda >= 2kd+1, work >= 2kd+2 per thread");
+                        "chase: needs n >= 2, kd >= 2, lda >= 2kd+1, work >= 2kd+16 per thread");
         return NULL;
     }
 #if !AMCT_HAVE_THREADS
