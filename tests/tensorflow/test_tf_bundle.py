@@ -167,6 +167,20 @@ def test_written_checkpoint_holds_the_original_tensors_and_the_new_ones(tmp_path
 
 
 @needs_fast_crc
+def test_only_checkpoints_of_numbers_are_copied(tmp_path):
+    # Strings are stored with lengths and checksums of their own: TensorFlow saves those.
+    (tmp_path / "numbers").mkdir()
+    (tmp_path / "words").mkdir()
+    numbers = _save_variables(tmp_path / "numbers", {"w": np.ones(3, np.float32),
+                                                    "step": np.int64(3), "flag": np.bool_(True)})
+    assert bundle.supports_writing(bundle.read_index(numbers))
+    words = _save_variables(tmp_path / "words", {"w": np.ones(3, np.float32),
+                                                "vocab": np.array([b"a", b"bc"])})
+    assert not bundle.supports_writing(bundle.read_index(words))
+    assert not bundle.supports_writing(None)
+
+
+@needs_fast_crc
 def test_writing_copies_every_shard_and_a_many_block_index(tmp_path):
     rng = np.random.default_rng(3)
     values = {f"layer_{i:03d}/scope/kernel": rng.standard_normal((2, 3)).astype(np.float32)

@@ -36,6 +36,9 @@ _TRAILER_BYTES = 5  # compression type (1 byte) and masked CRC (4 bytes) after e
 _NO_COMPRESSION = 0
 #: TensorFlow DataType enum values of the float types a kernel may have.
 _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 19: np.dtype("<f2")}
+#: DataType enum values of the tensors whose CRC32C is that of their bytes as they lie (numbers
+#: and booleans); strings and variants are stored with lengths and checksums of their own.
+_RAW_DTYPES = frozenset({1, 2, 3, 4, 5, 6, 8, 9, 10, 14, 17, 18, 19, 22, 23})
 #: Entries per restart point in a data block, as LevelDB's and TensorFlow's table builders.
 _RESTART_INTERVAL = 16
 #: Bytes read and written at a time when a data file is copied.
@@ -164,13 +167,15 @@ class DamagedTensorError(Exception):
 
 def supports_writing(index: Mapping | None) -> bool:
     """Whether :func:`write_with_tensors` can copy the checkpoint whose index is ``index``: one
-    read by :func:`read_index`, little-endian, with no sliced tensors, and CRC32C sums at
-    memory speed (:func:`amct_core.crc32c.fast`)."""
+    read by :func:`read_index`, little-endian, with no sliced tensors and only tensors of
+    numbers or booleans (whose CRC32C this module checks), and CRC32C sums at memory speed
+    (:func:`amct_core.crc32c.fast`)."""
     if not index or "" not in index or not crc32c.fast():
         return False
     if index[""].endianness != tensor_bundle_pb2.BundleHeaderProto.LITTLE:
         return False
-    return not any(entry.slices for name, entry in index.items() if name)
+    return all(not entry.slices and entry.dtype in _RAW_DTYPES
+               for name, entry in index.items() if name)
 
 
 def _copy_checked(source: str, target: str, entries: list[tuple[str, object]]) -> int:
