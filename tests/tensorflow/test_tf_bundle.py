@@ -29,6 +29,19 @@ def _save_variables(folder, values: dict[str, np.ndarray]) -> str:
             return tf1.train.Saver().save(session, str(folder / "vars"))
 
 
+def _save_sharded(folder, values: dict[str, np.ndarray]) -> str:
+    """A sharded save over two CPU devices (variables alternately on each): two data files."""
+    graph = tf.Graph()
+    with graph.as_default():
+        for i, (name, value) in enumerate(values.items()):
+            with tf.device(f"/cpu:{i % 2}"):
+                tf1.Variable(value, name=name)
+        saver = tf1.train.Saver(sharded=True)
+        with tf1.Session(config=tf1.ConfigProto(device_count={"CPU": 2})) as session:
+            session.run(tf1.global_variables_initializer())
+            return saver.save(session, str(folder / "sharded"))
+
+
 def test_mapped_tensors_equal_what_tensorflow_reads(tmp_path):
     rng = np.random.default_rng(0)
     values = {"a/kernel": rng.standard_normal((3, 3, 8, 16)).astype(np.float32),
@@ -107,15 +120,7 @@ def test_many_tensors_over_two_shards(tmp_path):
     rng = np.random.default_rng(1)
     values = {f"layer_{i:03d}/a_long_scope_name/kernel": rng.standard_normal((3, 5)).astype(
         np.float32) for i in range(300)}
-    graph = tf.Graph()
-    with graph.as_default():
-        for i, (name, value) in enumerate(values.items()):
-            with tf.device(f"/cpu:{i % 2}"):
-                tf1.Variable(value, name=name)
-        saver = tf1.train.Saver(sharded=True)
-        with tf1.Session(config=tf1.ConfigProto(device_count={"CPU": 2})) as session:
-            session.run(tf1.global_variables_initializer())
-            prefix = saver.save(session, str(tmp_path / "sharded"))
+    prefix = _save_sharded(tmp_path, values)
     index = bundle.read_index(prefix)
     assert index[""].num_shards == 2
     assert {entry.shard_id for name, entry in index.items() if name} == {0, 1}
@@ -185,15 +190,7 @@ def test_writing_copies_every_shard_and_a_many_block_index(tmp_path):
     rng = np.random.default_rng(3)
     values = {f"layer_{i:03d}/scope/kernel": rng.standard_normal((2, 3)).astype(np.float32)
               for i in range(200)}
-    graph = tf.Graph()
-    with graph.as_default():
-        for i, (name, value) in enumerate(values.items()):
-            with tf.device(f"/cpu:{i % 2}"):
-                tf1.Variable(value, name=name)
-        saver = tf1.train.Saver(sharded=True)
-        with tf1.Session(config=tf1.ConfigProto(device_count={"CPU": 2})) as session:
-            session.run(tf1.global_variables_initializer())
-            prefix = saver.save(session, str(tmp_path / "sharded"))
+    prefix = _save_sharded(tmp_path, values)
     index = bundle.read_index(prefix)
     target = str(tmp_path / "copy")
     new = {"zz/new": np.full((4,), 7.0, np.float32), "aa/new": np.ones((1, 2), np.float64)}

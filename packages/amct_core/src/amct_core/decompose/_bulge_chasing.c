@@ -154,6 +154,30 @@ AMCT_AVX512 static inline __m128 sum4(__m512 t0, __m512 t1, __m512 t2, __m512 t3
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* Rows lo .. hi - 1 of the four columns c[q] (q = 0 .. 3) become
+ * c[q] - a alpha[q] - b beta[q]: one pass that loads a and b once for the four columns. */
+AMCT_AVX512 static void rank2_update4(int lo, int hi, const float *a, const float *b,
+                                      const float alpha[4], const float beta[4],
+                                      float *const c[4]) {
+    const __m512 a0 = _mm512_set1_ps(alpha[0]), a1 = _mm512_set1_ps(alpha[1]),
+                 a2 = _mm512_set1_ps(alpha[2]), a3 = _mm512_set1_ps(alpha[3]);
+    const __m512 b0 = _mm512_set1_ps(beta[0]), b1 = _mm512_set1_ps(beta[1]),
+                 b2 = _mm512_set1_ps(beta[2]), b3 = _mm512_set1_ps(beta[3]);
+    for (int i = lo; i < hi; i += 16) {
+        const __mmask16 k = rows_below(i, hi);
+        const __m512 ai = _mm512_maskz_loadu_ps(k, a + i);
+        const __m512 bi = _mm512_maskz_loadu_ps(k, b + i);
+        store_rows(c[0] + i, k, _mm512_fnmadd_ps(bi, b0, _mm512_fnmadd_ps(
+            ai, a0, _mm512_maskz_loadu_ps(k, c[0] + i))));
+        store_rows(c[1] + i, k, _mm512_fnmadd_ps(bi, b1, _mm512_fnmadd_ps(
+            ai, a1, _mm512_maskz_loadu_ps(k, c[1] + i))));
+        store_rows(c[2] + i, k, _mm512_fnmadd_ps(bi, b2, _mm512_fnmadd_ps(
+            ai, a2, _mm512_maskz_loadu_ps(k, c[2] + i))));
+        store_rows(c[3] + i, k, _mm512_fnmadd_ps(bi, b3, _mm512_fnmadd_ps(
+            ai, a3, _mm512_maskz_loadu_ps(k, c[3] + i))));
+    }
+}
+
 /* LAPACK ?larfy, lower: the m x m symmetric block A (lower triangle, leading dimension ld)
  * becomes H A H, H = I - tau v v^T: w = A v, w -= (tau/2)(w.v) v, A -= tau (v w^T + w v^T).
  * The product A v takes four columns at a time below their 4 x 4 diagonal block: their dot
@@ -225,28 +249,14 @@ AMCT_AVX512 static void larfy_s(int m, const float *v, float tau, float *A, int 
     /* A -= tau (v w^T + w v^T): four columns at a time below their diagonal block, which
      * loads v and w once for the four. */
     for (j = 0; j + 4 <= m; j += 4) {
-        float *c0 = A + (ptrdiff_t)j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
-        float *cols[4] = {c0, c1, c2, c3};
+        float *const cols[4] = {A + (ptrdiff_t)j * ld, A + (ptrdiff_t)(j + 1) * ld,
+                                A + (ptrdiff_t)(j + 2) * ld, A + (ptrdiff_t)(j + 3) * ld};
         for (int q = 0; q < 4; ++q) /* the diagonal block's lower triangle */
             for (int i = j + q; i < j + 4; ++i)
                 cols[q][i] -= tau * (v[i] * w[j + q] + w[i] * v[j + q]);
-        const __m512 tw0 = _mm512_set1_ps(tau * w[j]), tv0 = _mm512_set1_ps(tau * v[j]);
-        const __m512 tw1 = _mm512_set1_ps(tau * w[j + 1]), tv1 = _mm512_set1_ps(tau * v[j + 1]);
-        const __m512 tw2 = _mm512_set1_ps(tau * w[j + 2]), tv2 = _mm512_set1_ps(tau * v[j + 2]);
-        const __m512 tw3 = _mm512_set1_ps(tau * w[j + 3]), tv3 = _mm512_set1_ps(tau * v[j + 3]);
-        for (int i = j + 4; i < m; i += 16) {
-            const __mmask16 k = rows_below(i, m);
-            const __m512 vi = _mm512_maskz_loadu_ps(k, v + i);
-            const __m512 wi = _mm512_maskz_loadu_ps(k, w + i);
-            store_rows(c0 + i, k, _mm512_fnmadd_ps(wi, tv0, _mm512_fnmadd_ps(
-                vi, tw0, _mm512_maskz_loadu_ps(k, c0 + i))));
-            store_rows(c1 + i, k, _mm512_fnmadd_ps(wi, tv1, _mm512_fnmadd_ps(
-                vi, tw1, _mm512_maskz_loadu_ps(k, c1 + i))));
-            store_rows(c2 + i, k, _mm512_fnmadd_ps(wi, tv2, _mm512_fnmadd_ps(
-                vi, tw2, _mm512_maskz_loadu_ps(k, c2 + i))));
-            store_rows(c3 + i, k, _mm512_fnmadd_ps(wi, tv3, _mm512_fnmadd_ps(
-                vi, tw3, _mm512_maskz_loadu_ps(k, c3 + i))));
-        }
+        const float tw[4] = {tau * w[j], tau * w[j + 1], tau * w[j + 2], tau * w[j + 3]};
+        const float tv[4] = {tau * v[j], tau * v[j + 1], tau * v[j + 2], tau * v[j + 3]};
+        rank2_update4(j + 4, m, v, w, tw, tv, cols);
     }
     for (; j < m; ++j) { /* at most three columns, at the bottom right */
         float *c = A + (ptrdiff_t)j * ld;
@@ -323,21 +333,9 @@ AMCT_AVX512 static void right_then_left_s(int lm, int ln, const float *v, float 
         }
         float y[4];
         _mm_storeu_ps(y, _mm_mul_ps(sum4(y0, y1, y2, y3), _mm_set1_ps(tu)));
-        const __m512 s0 = _mm512_set1_ps(y[0]), s1 = _mm512_set1_ps(y[1]),
-                     s2 = _mm512_set1_ps(y[2]), s3 = _mm512_set1_ps(y[3]);
-        for (int i = 0; i < lm; i += 16) {
-            const __mmask16 k = rows_below(i, lm);
-            const __m512 xi = _mm512_maskz_loadu_ps(k, x + i);
-            const __m512 ui = _mm512_maskz_loadu_ps(k, u + i);
-            store_rows(c0 + i, k, _mm512_fnmadd_ps(s0, ui, _mm512_fnmadd_ps(
-                xi, b0, _mm512_maskz_loadu_ps(k, c0 + i))));
-            store_rows(c1 + i, k, _mm512_fnmadd_ps(s1, ui, _mm512_fnmadd_ps(
-                xi, b1, _mm512_maskz_loadu_ps(k, c1 + i))));
-            store_rows(c2 + i, k, _mm512_fnmadd_ps(s2, ui, _mm512_fnmadd_ps(
-                xi, b2, _mm512_maskz_loadu_ps(k, c2 + i))));
-            store_rows(c3 + i, k, _mm512_fnmadd_ps(s3, ui, _mm512_fnmadd_ps(
-                xi, b3, _mm512_maskz_loadu_ps(k, c3 + i))));
-        }
+        const float vj[4] = {v[j], v[j + 1], v[j + 2], v[j + 3]};
+        float *const cols[4] = {c0, c1, c2, c3};
+        rank2_update4(0, lm, x, u, vj, y, cols);
     }
     for (; j < ln; ++j) { /* at most three columns */
         float *c = C + (ptrdiff_t)j * ld;
