@@ -82,9 +82,10 @@ typedef struct {
  *
  * LAPACK's ?sb2st_kernels spends a step in about ten level-2 BLAS calls on blocks of kd x kd
  * (symv, syr2, two gemv, two ger, nrm2, scal ...), each a full pass over its block with the
- * call overhead of OpenBLAS; for kd = 96 that is about 6.7 us a step. The functions below do
- * the same arithmetic in four passes over the two blocks a step touches (two of them reads),
- * each loop vectorised for the CPU at hand (target_clones): the x = C v of the right
+ * call overhead of OpenBLAS; for kd = 96 that is about 6 us a pair of steps. The functions
+ * below do the same arithmetic in four passes over the two blocks a step touches (two of them
+ * reads), with AVX-512 intrinsics, four columns at a time (the CPU is checked at run time,
+ * fused_supported): the x = C v of the right
  * application is one pass, and the right update, the dot products of the left reflector and
  * the left update are one pass per column. Same transformations as LAPACK's kernels, rounded
  * differently (the reflector norms are summed in double).
@@ -99,8 +100,8 @@ typedef struct {
 #define AMCT_FUSED 1
 #define AMCT_AVX512 __attribute__((target("avx512f")))
 
-/* Store the lanes of k: a plain store when all sixteen are (a masked store costs several
- * times more on some CPUs, AMD Zen 4 among them). */
+/* Store the lanes of k: a plain store when all sixteen are (masked stores are slower than
+ * plain ones on some CPUs; all chunks but a column's last are full). */
 AMCT_AVX512 static inline void store_rows(float *p, __mmask16 k, __m512 value) {
     if (k == (__mmask16)0xFFFF)
         _mm512_storeu_ps(p, value);

@@ -392,12 +392,12 @@ REFLECTOR_BLOCK = 256
 
 
 def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
-                     bandwidth: int) -> list[tuple[int, int, np.ndarray | None, np.ndarray]]:
-    """The blocks of Q1 (see :func:`apply_band_reflectors`), last first: (start, stop, top,
-    T⁻¹) for reflectors start..stop−1, with ``top`` their unit lower-triangular w × w top rows
-    (copied; below them the reflectors are used where they lie in ``reflectors``) and
-    T⁻¹ = diag(1/τ) + striu(VᵀV) in float64. Where a block has a τ = 0 (H = I), ``top`` is
-    None and the block is copied whole when it is applied, that reflector zeroed.
+                     bandwidth: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """The blocks of Q1 (see :func:`apply_band_reflectors`), last first: (start, stop, head,
+    T⁻¹) for reflectors start..stop−1 and T⁻¹ = diag(1/τ) + striu(VᵀV) in float64. ``head`` is
+    the block's unit lower-triangular top w × w rows (copied; below them the reflectors are
+    used where they lie in ``reflectors``), or, where a reflector of the block has τ = 0
+    (H = I), the whole block copied with that reflector zeroed.
 
     Independent of the vectors Q1 is applied to: the solver computes the blocks while
     ``?sterf`` runs on the other core.
@@ -412,23 +412,25 @@ def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
         width = stop - start
         scale = tau[start:stop].astype(np.float64)
         trivial = scale == 0.0
-        if trivial.any():
-            v = _block_copy(reflectors, tau, kd, start, stop)
-            top = None
-            product = blas.gram_into(v, np.zeros((width, width), dtype=dtype, order="F"),
-                                     lower=False)
-        else:
-            top = _unit_top(reflectors, kd, start, stop)
-            product = blas.gram_into(top, np.zeros((width, width), dtype=dtype, order="F"),
-                                     lower=False)
-            rest = reflectors[kd + stop:, start:stop]
-            if rest.shape[0]:
-                blas.gram_into(rest, product, beta=1.0, lower=False)
+        head = _block_copy(reflectors, tau, kd, start, stop) if trivial.any() else \
+            _unit_top(reflectors, kd, start, stop)
+        product = blas.gram_into(head, np.zeros((width, width), dtype=dtype, order="F"),
+                                 lower=False)
+        rest = _below_head(reflectors, kd, start, stop, head)
+        if rest.shape[0]:
+            blas.gram_into(rest, product, beta=1.0, lower=False)
         t_inverse = np.triu(product.astype(np.float64), 1)
         t_inverse[np.arange(width), np.arange(width)] = np.where(
             trivial, 1.0, 1.0 / np.where(trivial, 1.0, scale))
-        blocks.append((start, stop, top, t_inverse))
+        blocks.append((start, stop, head, t_inverse))
     return blocks
+
+
+def _below_head(reflectors: np.ndarray, kd: int, start: int, stop: int,
+                head: np.ndarray) -> np.ndarray:
+    """The rows of block start..stop of V below its copied ``head``, where they lie (none when
+    the head is the whole block)."""
+    return reflectors[kd + start + head.shape[0]:, start:stop]
 
 
 def _unit_top(reflectors: np.ndarray, kd: int, start: int, stop: int) -> np.ndarray:
@@ -473,13 +475,11 @@ def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: in
         blocks = reflector_blocks(reflectors, tau, kd)
     below = result[kd:]  # rows the reflectors act on; C order, so .T is Fortran order
     rank = result.shape[1]
-    for start, stop, top, t_inverse in blocks:
+    for start, stop, head, t_inverse in blocks:
         width = stop - start
         target = below[start:]
-        if top is None:
-            parts = [(target, _block_copy(reflectors, tau, kd, start, stop))]
-        else:
-            parts = [(target[:width], top), (target[width:], reflectors[kd + stop:, start:stop])]
+        parts = [(target[:head.shape[0]], head),
+                 (target[head.shape[0]:], _below_head(reflectors, kd, start, stop, head))]
         # (Vᵀ C)ᵀ = Cᵀ V (r × width), the orientation OpenBLAS runs fastest (no operand
         # transposed: 172 against 135 GFLOP/s here), summed over the parts of V.
         product = np.empty((rank, width), dtype=dtype, order="F")

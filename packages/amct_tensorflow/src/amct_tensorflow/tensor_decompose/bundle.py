@@ -234,11 +234,10 @@ def _block_payload(items: list[tuple[bytes, bytes]], restart_interval: int) -> b
     restarts = []
     last = b""
     for number, (key, value) in enumerate(items):
+        shared = 0
         if number % restart_interval == 0:
             restarts.append(len(out))
-            shared = 0
         else:
-            shared = 0
             limit = min(len(last), len(key))
             while shared < limit and last[shared] == key[shared]:
                 shared += 1
@@ -284,7 +283,8 @@ def index_table(items: Mapping[str, object]) -> bytes:
     return bytes(table)
 
 
-_DATA_TYPES = {np.dtype(np.float16): 19, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+#: The DataType enum value of each float dtype a new tensor may have.
+_DATA_TYPES = {dtype: enum for enum, dtype in _DTYPES.items()}
 
 
 def write_with_tensors(source: str, index: Mapping[str, object], target: str,
@@ -306,14 +306,12 @@ def write_with_tensors(source: str, index: Mapping[str, object], target: str,
             raise DamagedTensorError(name, f"shard {entry.shard_id} of a checkpoint of "
                                            f"{shards} shards")
         by_shard[entry.shard_id].append((name, entry))
-    written = {}
-    for shard in range(shards):
-        written[shard] = _copy_checked(data_file(source, shard, header.num_shards),
-                                       data_file(target, shard, header.num_shards),
-                                       by_shard[shard])
+    sizes = [_copy_checked(data_file(source, shard, header.num_shards),
+                           data_file(target, shard, header.num_shards), by_shard[shard])
+             for shard in range(shards)]
     items: dict[str, object] = {"": header}
     items.update(entries)
-    offset = written[0]
+    offset = sizes[0]
     with open(data_file(target, 0, header.num_shards), "ab") as stream:
         for name, value in tensors.items():
             array = np.asarray(value)  # (np.ascontiguousarray would make a scalar 1-D)
