@@ -3,6 +3,9 @@
 decomposed checkpoint written by copying the original one."""
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 
@@ -216,11 +219,39 @@ def test_writing_refuses_a_damaged_or_short_data_file(tmp_path):
                        match="tensor 'v': Checksum does not match") as caught:
         bundle.write_with_tensors(prefix, index, str(tmp_path / "out1"), {})
     assert caught.value.name == "v"
+    assert not list(tmp_path.glob("out1*"))  # checked before anything is written
     data.write_bytes(bytes(raw[:-5]))
     last = max(("w", "v"), key=lambda name: index[name].offset)
     with pytest.raises(bundle.DamagedTensorError, match=f"tensor '{last}': the data file .* "
                                                         f"ends at byte"):
         bundle.write_with_tensors(prefix, index, str(tmp_path / "out2"), {})
+
+
+@pytest.mark.parametrize("kernel_copies", ["none", "part", "missing"])
+def test_a_copy_the_kernel_cannot_make_goes_through_a_buffer(tmp_path, monkeypatch,
+                                                             kernel_copies):
+    source = tmp_path / "source.data"
+    payload = np.random.default_rng(4).integers(0, 256, 3 * bundle.COPY_CHUNK // 2 + 7,
+                                                dtype=np.uint8).tobytes()
+    source.write_bytes(payload + b"tail not copied")
+    original = getattr(os, "copy_file_range", None)
+    calls = []
+
+    def refusing(src, dst, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if kernel_copies == "part" and len(calls) == 1:  # one short copy, then a refusal
+            return original(src, dst, 1000, offset_src, offset_dst)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    if kernel_copies == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        if original is None:
+            pytest.skip("os.copy_file_range is not available here")
+        monkeypatch.setattr(os, "copy_file_range", refusing)
+    bundle._copy_file(str(source), str(tmp_path / "target.data"), len(payload))
+    assert (tmp_path / "target.data").read_bytes() == payload
+    assert len(calls) == {"none": 1, "part": 2, "missing": 0}[kernel_copies]
 
 
 def _spy_writer(monkeypatch) -> list[str]:

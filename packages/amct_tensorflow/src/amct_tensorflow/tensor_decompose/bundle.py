@@ -5,7 +5,7 @@ kernel of a (2048, 2048, 3, 3) conv, 0.3-0.6 s on a VM whose fresh memory is slo
 decomposition only reads the kernel, so it can use the bytes where they lie, in the page
 cache, through ``numpy.memmap`` (:func:`map_tensor`). And the decomposed checkpoint holds every
 tensor of the original one plus the new factors: :func:`write_with_tensors` copies the data
-files (checking each tensor's CRC32C on the way) and appends the factors, instead of restoring
+files (once each tensor's CRC32C has been checked) and appends the factors, instead of restoring
 every variable into a session and saving them all again (0.8-0.9 s against about 0.1 s).
 
 A checkpoint ``prefix`` (a TF2 "tensor bundle") is ``prefix.index``, a sorted string table in
@@ -41,7 +41,7 @@ _DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f8"), 19: np.dtype("<f2")}
 _RAW_DTYPES = frozenset({1, 2, 3, 4, 5, 6, 8, 9, 10, 14, 17, 18, 19, 22, 23})
 #: Entries per restart point in a data block, as LevelDB's and TensorFlow's table builders.
 _RESTART_INTERVAL = 16
-#: Bytes read and written at a time when a data file is copied.
+#: Bytes read at a time when a data file is checked (and copied, where the kernel cannot).
 COPY_CHUNK = 8 << 20
 
 
@@ -178,16 +178,17 @@ def supports_writing(index: Mapping | None) -> bool:
                for name, entry in index.items() if name)
 
 
-def _copy_checked(source: str, target: str, entries: list[tuple[str, object]]) -> int:
-    """Copy data file ``source`` to ``target``, checking the CRC32C of each (name, entry)
-    stored in it; return the size copied."""
+def _checked_size(source: str, entries: list[tuple[str, object]]) -> int:
+    """Read data file ``source`` once, checking the CRC32C of each (name, entry) stored in it;
+    return its size. A mismatch or a file shorter than an entry raises
+    :class:`DamagedTensorError`, before anything is written."""
     pending = sorted(entries, key=lambda item: item[1].offset)
     sums = {name: 0 for name, _ in pending}
     buffer = bytearray(COPY_CHUNK)
     view = memoryview(buffer)
     position = 0
     first = 0  # pending[:first] ended before this chunk
-    with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as writer:
+    with open(source, "rb", buffering=0) as reader:
         while True:
             count = reader.readinto(buffer)
             if not count:
@@ -202,9 +203,6 @@ def _copy_checked(source: str, target: str, entries: list[tuple[str, object]]) -
                 lo = max(entry.offset, position) - position
                 hi = min(entry.offset + entry.size, end) - position
                 sums[name] = crc32c.value(view[lo:hi], sums[name])
-            done = 0
-            while done < count:
-                done += writer.write(view[done:count])
             position = end
     for name, entry in pending:
         if entry.offset + entry.size > position:
@@ -217,6 +215,37 @@ def _copy_checked(source: str, target: str, entries: list[tuple[str, object]]) -
                                            f"{crc32c.mask(sums[name]):#010x} (masked CRC32C "
                                            f"of its {entry.size} bytes)")
     return position
+
+
+def _copy_file(source: str, target: str, size: int) -> None:
+    """Copy the first ``size`` bytes of ``source`` to a new file ``target``: in the kernel
+    (``os.copy_file_range``, page cache to page cache, or a shared extent where the file
+    system can) where it can, else through a buffer. In-kernel copies of a 150 MB file took
+    0.05 s against 0.14-0.46 s through a buffer on an ext4 VM."""
+    with open(source, "rb", buffering=0) as reader, open(target, "wb", buffering=0) as writer:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < size:
+                    copied = os.copy_file_range(reader.fileno(), writer.fileno(), size - done,
+                                                done, done)
+                    if not copied:
+                        break
+                    done += copied
+            except OSError:  # not across these file systems, or not in this kernel
+                pass
+        buffer = bytearray(COPY_CHUNK)
+        view = memoryview(buffer)
+        reader.seek(done)
+        writer.seek(done)
+        while done < size:
+            count = reader.readinto(view[:min(COPY_CHUNK, size - done)])
+            if not count:
+                raise OSError(f"the data file '{source}' became shorter while it was copied")
+            written = 0
+            while written < count:
+                written += writer.write(view[written:count])
+            done += count
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -293,9 +322,9 @@ def write_with_tensors(source: str, index: Mapping[str, object], target: str,
     from :func:`read_index`, is ``index``; see :func:`supports_writing`) and ``tensors``
     (float16/32/64 arrays, names not in ``index``), appended to its first data file.
 
-    The data files are copied with the CRC32C of every tensor checked on the way: a mismatch
-    or a short file raises :class:`DamagedTensorError`. ``target``'s files are created
-    (overwritten); the caller writes them to a staging folder.
+    The data files are read first, the CRC32C of every tensor checked (a mismatch or a short
+    file raises :class:`DamagedTensorError` before anything is written), then copied.
+    ``target``'s files are created (overwritten); the caller writes them to a staging folder.
     """
     header = index[""]
     shards = max(header.num_shards, 1)
@@ -306,9 +335,11 @@ def write_with_tensors(source: str, index: Mapping[str, object], target: str,
             raise DamagedTensorError(name, f"shard {entry.shard_id} of a checkpoint of "
                                            f"{shards} shards")
         by_shard[entry.shard_id].append((name, entry))
-    sizes = [_copy_checked(data_file(source, shard, header.num_shards),
-                           data_file(target, shard, header.num_shards), by_shard[shard])
+    sizes = [_checked_size(data_file(source, shard, header.num_shards), by_shard[shard])
              for shard in range(shards)]
+    for shard, size in enumerate(sizes):
+        _copy_file(data_file(source, shard, header.num_shards),
+                   data_file(target, shard, header.num_shards), size)
     items: dict[str, object] = {"": header}
     items.update(entries)
     offset = sizes[0]
