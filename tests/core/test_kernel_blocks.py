@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from amct_core.decompose import DecomposeMode, unfold_weight
+from amct_core.decompose import DecomposeMode, kernel_blocks, unfold_weight
 from amct_core.decompose.kernel_blocks import KernelBlocks
 from amct_core.decompose.spatial_svd import _LAYOUT
 
@@ -83,3 +83,21 @@ def test_the_copy_is_made_tile_by_tile(monkeypatch):
     blocks = _blocks(weight, DecomposeMode.FCSK, np.float64)
     assert blocks.stored.dtype == np.float64 and blocks.stored.flags.c_contiguous
     np.testing.assert_array_equal(blocks.stored, weight.transpose(2, 3, 0, 1))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, "boundary", -1])
+def test_all_finite_finds_one_bad_value_in_any_chunk(monkeypatch, bad, where):
+    monkeypatch.setattr(kernel_blocks, "FINITE_CHUNK", 64)
+    values = np.linspace(-3.0, 3.0, 7 * 47).astype(np.float32).reshape(7, 47)
+    assert kernel_blocks.all_finite(values)
+    flat = values.reshape(-1)
+    flat[{0: 0, "boundary": 64 * 3, -1: flat.size - 1}[where]] = bad
+    assert not kernel_blocks.all_finite(values)
+    assert not kernel_blocks.all_finite(values.T)  # a strided view
+    assert not kernel_blocks.all_finite(values.astype(np.float16))
+
+
+def test_all_finite_of_empty_and_large_finite_values():
+    assert kernel_blocks.all_finite(np.zeros((0, 3), np.float32))
+    assert kernel_blocks.all_finite(np.full(10, np.finfo(np.float32).max, np.float32))

@@ -56,9 +56,10 @@ MAX_ROUNDS = 24
 #: The smallest excess asked for, in units of ε·tr(B) (see :func:`top_band_eigenvectors`).
 ROUNDING_FLOOR = 100.0
 #: Rows of the band matrix per dense slab in the product (B − cI)·X: a slab holds its rows'
-#: whole band, SLAB_ROWS + 2·kd columns, so narrower slabs multiply fewer zeros (128 rows:
-#: 47-50 ms per product of a 6144 × 1479 block at kd = 96 on two cores, 256 rows: 62 ms).
-SLAB_ROWS = 128
+#: whole band, SLAB_ROWS + 2·kd columns, so narrower slabs multiply fewer zeros, down to where
+#: the products get too small (a 6144 × 1479 block at kd = 96 on two cores: 33 ms with 48 or
+#: 64 rows, 34-35 ms with 96, 37-38 ms with 128, 37-44 ms with 32).
+SLAB_ROWS = 64
 
 
 def block_size(n: int, rank: int) -> int:

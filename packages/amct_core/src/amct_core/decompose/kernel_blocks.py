@@ -140,4 +140,24 @@ class KernelBlocks:
         return float(np.max(np.abs(self.stored)))
 
     def all_finite(self) -> bool:
-        return bool(np.all(np.isfinite(self.stored)))
+        return all_finite(self.stored)
+
+
+#: Elements tested at a time by :func:`all_finite`.
+FINITE_CHUNK = 1 << 20
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every element of ``values`` is finite, tested :data:`FINITE_CHUNK` elements at
+    a time into one small reused mask: ``np.all(np.isfinite(values))`` makes a mask as large as
+    the kernel, 38 MB of fresh memory for a (2048, 2048, 3, 3) kernel (0.14 s against 0.01 s
+    on a VM whose fresh memory is slow)."""
+    flat = np.asarray(values).reshape(-1)  # a copy only for a non-contiguous view
+    mask = np.empty(min(flat.size, FINITE_CHUNK), dtype=bool)
+    for start in range(0, flat.size, FINITE_CHUNK):
+        part = flat[start:start + FINITE_CHUNK]
+        chunk = mask[:part.size]
+        np.isfinite(part, out=chunk)
+        if not chunk.all():
+            return False
+    return True

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from amct_core.decompose import DecomposeMode, factorize_kernel
 from amct_core.decompose.change_file import ConvChange, read_change_file, write_change_file
+from amct_core.decompose.kernel_blocks import all_finite
 from amct_core.errors import (
     AmctFileNotFoundError,
     AmctTypeError,
@@ -179,7 +180,7 @@ def _decompose_group(kernel: str, group: Sequence[ConvSite],
         logger.warning("Unsupported data type %s of layer '%s', ignored.", value.dtype,
                        group[0].name)
         return []
-    if not np.all(np.isfinite(value)):
+    if not all_finite(value):
         logger.warning("Weight of layer '%s' contains NaN or Inf, ignored.", group[0].name)
         return []
     mode = group[0].mode()
