@@ -283,7 +283,7 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         projected = blas.matmul(basis.T, product)
         projected = (projected + projected.T) * 0.5
         # Divide and conquer on the whole k × k problem is faster than a subset solver here.
-        ritz, rotation = eigh(projected, driver="evd", check_finite=False)
+        ritz, rotation = eigh(projected, driver="evd", overwrite_a=True, check_finite=False)
         # Reversed views have negative strides, which BLAS cannot take: copy, in Fortran order
         # so that the leading columns are a contiguous block.
         ritz, rotation = ritz[::-1].astype(np.float64), np.asfortranarray(rotation[:, ::-1])
