@@ -218,6 +218,28 @@ def test_reduce_to_band_needs_fortran_order():
         two_stage.reduce_to_band(g, 4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_panels_transposed_by_omatcopy_or_numpy_give_the_same_reduction(monkeypatch, dtype):
+    """The panels' transposed copies come from OpenBLAS's ?omatcopy where the library has it,
+    else from NumPy: the same bytes, so the same band and reflectors, bit for bit."""
+    routines = two_stage._ROUTINES[two_stage._prefix(np.dtype(dtype))]
+    if routines.get("omatcopy") is None or routines["blocked"] is None:
+        pytest.skip("this BLAS has no ?omatcopy or no blocked reduction routines")
+    matrix = np.asfortranarray(np.arange(7 * 11, dtype=dtype).reshape(7, 11) ** 1.5)
+    for row, col, rows, cols in [(0, 0, 7, 11), (2, 3, 5, 4), (6, 10, 1, 1), (3, 2, 0, 4)]:
+        fast = two_stage._transposed(matrix, row, col, rows, cols, routines["omatcopy"])
+        plain = two_stage._transposed(matrix, row, col, rows, cols, None)
+        assert fast.flags.f_contiguous and fast.shape == (cols, rows)
+        np.testing.assert_array_equal(fast, matrix[row:row + rows, col:col + cols].T)
+        np.testing.assert_array_equal(fast, plain)
+    g = gram_of(patches(10, 400), dtype)
+    with_copy = two_stage.reduce_to_band(g.copy(order="F"), 16)
+    monkeypatch.setitem(routines, "omatcopy", None)
+    without = two_stage.reduce_to_band(g.copy(order="F"), 16)
+    for got, expected in zip(with_copy, without, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("slab_rows", [128, 16, 7])
 def test_band_operator_product_equals_the_dense_band(monkeypatch, slab_rows):
     # n = 100, kd = 12: one slab, or slabs whose band is cut by the matrix's first and last
