@@ -30,8 +30,9 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from scipy.linalg import eigvalsh_tridiagonal, solve_triangular
+from scipy.linalg import eigvalsh_tridiagonal
 from scipy.linalg.blas import get_blas_funcs
+from scipy.linalg.lapack import dtrtri as _TRTRI
 
 from amct_core.decompose import blas
 
@@ -414,10 +415,11 @@ REFLECTOR_BLOCK = 256
 def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
                      bandwidth: int) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     """The blocks of Q1 (see :func:`apply_band_reflectors`), last first: (start, stop, head,
-    T⁻¹) for reflectors start..stop−1 and T⁻¹ = diag(1/τ) + striu(VᵀV) in float64. ``head`` is
-    the block's unit lower-triangular top w × w rows (copied; below them the reflectors are
-    used where they lie in ``reflectors``), or, where a reflector of the block has τ = 0
-    (H = I), the whole block copied with that reflector zeroed.
+    T) for reflectors start..stop−1, T the upper triangular factor of the block's compact WY
+    form in the reflectors' dtype, inverted in float64 from T⁻¹ = diag(1/τ) + striu(VᵀV).
+    ``head`` is the block's unit lower-triangular top w × w rows (copied; below them the
+    reflectors are used where they lie in ``reflectors``), or, where a reflector of the block
+    has τ = 0 (H = I), the whole block copied with that reflector zeroed.
 
     Independent of the vectors Q1 is applied to: the solver computes the blocks while
     ``?sterf`` runs on the other core.
@@ -442,7 +444,10 @@ def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
         t_inverse = np.triu(product.astype(np.float64), 1)
         t_inverse[np.arange(width), np.arange(width)] = np.where(
             trivial, 1.0, 1.0 / np.where(trivial, 1.0, scale))
-        blocks.append((start, stop, head, t_inverse))
+        factor, info = _TRTRI(t_inverse, lower=0, unitdiag=0, overwrite_c=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dtrtri failed on a block of Q1 (info={info})")
+        blocks.append((start, stop, head, np.asfortranarray(factor, dtype=dtype)))
     return blocks
 
 
@@ -480,9 +485,9 @@ def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: in
     the same reflectors, when already computed.
 
     Q1 = H(0) H(1) ⋯ H(n−kd−1), H(i) = I − τ_i v_i v_iᵀ. Blocks of b reflectors are applied as
-    I − V T Vᵀ (compact WY form, Schreiber and Van Loan 1989) with T⁻¹ = diag(1/τ) +
+    I − V T Vᵀ (compact WY form, Schreiber and Van Loan 1989), T inverted from T⁻¹ = diag(1/τ) +
     striu(VᵀV) (Joffrain, Low, Quintana-Ortí, van de Geijn, Van Zee 2006), last block first,
-    each with two matrix products, so it runs at matrix-multiply speed. Below its top rows a
+    each with three matrix products, so it runs at matrix-multiply speed. Below its top rows a
     block of V is read where it lies in ``reflectors`` (no copy of the n × b block).
     """
     kd = int(bandwidth)
@@ -495,7 +500,7 @@ def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: in
         blocks = reflector_blocks(reflectors, tau, kd)
     below = result[kd:]  # rows the reflectors act on; C order, so .T is Fortran order
     rank = result.shape[1]
-    for start, stop, head, t_inverse in blocks:
+    for start, stop, head, factor in blocks:
         width = stop - start
         target = below[start:]
         parts = [(target[:head.shape[0]], head),
@@ -506,10 +511,11 @@ def apply_band_reflectors(reflectors: np.ndarray, tau: np.ndarray, bandwidth: in
         for index, (rows, v) in enumerate(parts):
             if rows.shape[0]:
                 blas.matmul_into(rows.T, v, product, beta=float(index > 0))
-        coefficients = solve_triangular(t_inverse, product.T.astype(np.float64), lower=False,
-                                        check_finite=False).astype(dtype)
+        # (T Vᵀ C)ᵀ = (Vᵀ C)ᵀ Tᵀ: a product, where a triangular solve with T⁻¹ in float64
+        # took 0.08-0.13 s over the blocks of a 6144 × 1232 back-transform.
+        coefficients = blas.matmul(product, factor.T)
         # C ← C − V (T Vᵀ C), computed as Cᵀ ← Cᵀ − (T Vᵀ C)ᵀ Vᵀ in place, part by part.
         for rows, v in parts:
             if rows.shape[0]:
-                blas.matmul_into(coefficients.T, v.T, rows.T, alpha=-1.0, beta=1.0)
+                blas.matmul_into(coefficients, v.T, rows.T, alpha=-1.0, beta=1.0)
     return result
