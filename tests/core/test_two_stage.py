@@ -267,6 +267,31 @@ def excess_of(vectors: np.ndarray, gram: np.ndarray, rank: int) -> float:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_orthonormalise_keeps_the_span_of_an_ill_conditioned_block(monkeypatch, dtype):
+    """Cholesky QR in float64 (R⁻¹ applied by trmm, on chunks of rows): orthonormal columns
+    spanning the block's columns, for a block with κ ≈ 10⁵ as the filter leaves it; a block
+    of dependent columns goes through Householder QR instead."""
+    monkeypatch.setattr(band_subspace, "ORTHO_ROWS", 70)
+    rng = np.random.default_rng(7)
+    basis, _ = np.linalg.qr(rng.standard_normal((300, 40)))
+    block = (basis * np.logspace(0, 5, 40)) @ np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    block = np.ascontiguousarray(block.astype(dtype))
+    original = block.astype(np.float64)
+    q = band_subspace._orthonormalise(block).astype(np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(40), atol=1e-4 if dtype == np.float32 else 1e-6)
+    # the span: the block is reproduced by its projection on Q
+    residual = original - q @ (q.T @ original)
+    assert np.linalg.norm(residual) <= 1e-5 * np.linalg.norm(original)
+    calls = []
+    real_qr = band_subspace.qr
+    monkeypatch.setattr(band_subspace, "qr", lambda *a, **k: calls.append(1) or real_qr(*a, **k))
+    dependent = np.ascontiguousarray(np.repeat(original[:, :20], 2, axis=1).astype(dtype))
+    q = band_subspace._orthonormalise(dependent).astype(np.float64)
+    np.testing.assert_allclose(q.T @ q, np.eye(40), atol=1e-5)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("side, rank", [(12, 29), (16, 48)])
 def test_band_eigenvectors_reach_the_tolerance_on_a_steep_real_spectrum(dtype, side, rank):
     g = gram_of(patches(side, 6000), np.float64)
