@@ -32,7 +32,7 @@ import math
 import numpy as np
 from scipy.linalg import LinAlgError, cholesky, eigh, qr
 from scipy.linalg.blas import get_blas_funcs
-from scipy.linalg.lapack import dtrtri as trtri
+from scipy.linalg.lapack import dtrtri
 
 from amct_core.decompose import blas
 
@@ -200,7 +200,7 @@ def _orthonormalise(block: np.ndarray) -> np.ndarray:
         blas.gram_into(rows, gram, beta=1.0, lower=False)
     try:
         factor = cholesky(gram, lower=False, check_finite=False)
-        inverse, info = trtri(factor, lower=0, unitdiag=0, overwrite_c=1)
+        inverse, info = dtrtri(factor, lower=0, unitdiag=0, overwrite_c=1)
         if info != 0:  # a zero on R's diagonal (cholesky fails first in practice)
             raise LinAlgError(f"dtrtri: R[{info - 1}, {info - 1}] is zero")
     except LinAlgError:

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.linalg import eigvalsh_tridiagonal
 from scipy.linalg.blas import get_blas_funcs
-from scipy.linalg.lapack import dtrtri as _TRTRI
+from scipy.linalg.lapack import dtrtri
 
 from amct_core.decompose import blas
 
@@ -444,7 +444,7 @@ def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
         t_inverse = np.triu(product.astype(np.float64), 1)
         t_inverse[np.arange(width), np.arange(width)] = np.where(
             trivial, 1.0, 1.0 / np.where(trivial, 1.0, scale))
-        factor, info = _TRTRI(t_inverse, lower=0, unitdiag=0, overwrite_c=1)
+        factor, info = dtrtri(t_inverse, lower=0, unitdiag=0, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"dtrtri failed on a block of Q1 (info={info})")
         blocks.append((start, stop, head, np.asfortranarray(factor, dtype=dtype)))
