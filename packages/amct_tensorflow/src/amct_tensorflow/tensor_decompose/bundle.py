@@ -234,7 +234,9 @@ def _copy_file(source: str, target: str, size: int) -> None:
                     done += copied
             except OSError:  # not across these file systems, or not in this kernel
                 pass
-        buffer = bytearray(COPY_CHUNK)
+        if done >= size:
+            return
+        buffer = bytearray(COPY_CHUNK)  # 8 MB zeroed: only where the kernel did not copy
         view = memoryview(buffer)
         reader.seek(done)
         writer.seek(done)
