@@ -174,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(args.data_path)
     model = trained_model(args, data, "AutoCalib")
     if not args.no_fragile:
-        model, fragile_layer = make_fragile(model, args.model, args.outlier,
-                                            args.outlier_channels)
+        first = calibration_batches(data, 1, args.calib_batch_size)[0]
+        model, fragile_layer, outliers = make_fragile(model, args.model, args.outlier,
+                                                      args.outlier_channels, first)
         log(f"[AutoCalib] Made {fragile_layer} fragile: {args.outlier_channels} of its input "
-            f"channels x{args.outlier:g}, its matching weights /{args.outlier:g} (same float "
-            f"network; --no-fragile to keep it as trained)")
+            f"channels x{args.outlier:g} (channels {', '.join(map(str, outliers))}, the most "
+            f"active on the first calibration batch), its matching weights "
+            f"/{args.outlier:g} (same float network; --no-fragile to keep it as trained)")
     batches = calibration_batches(data, args.batch_num, args.calib_batch_size)
     images, labels = test_split(data, args.eval_size)
     input_data = torch.from_numpy(batches[0])

@@ -11,7 +11,10 @@ a ReLU (a BatchNorm or a convolution: its weight and bias) are scaled by ``facto
 matching input channels of the next convolution divided by it. ReLU and max-pooling are
 positively homogeneous, ``relu(f·z) = f·relu(z)`` for ``f > 0``, so the float network computes
 the same function, but that convolution's input now has a few channels ``factor`` times larger
-than the others: quantizing it per tensor to 8 bits rounds the other channels to zero.
+than the others: quantizing it per tensor to 8 bits rounds the other channels to zero. The
+channels scaled are those with the largest mean activation at that input on a batch of images:
+a channel the trained ReLU mostly silences would give outliers too rare to matter, and which
+channels those are depends on the training (and so on the machine it ran on).
 """
 from __future__ import annotations
 
@@ -82,22 +85,34 @@ def trained_model(args: argparse.Namespace, data: MnistData, tag: str) -> nn.Mod
     return model
 
 
-def make_fragile(model: nn.Module, model_name: str, factor: float,
-                 channels: int) -> tuple[nn.Module, str]:
+def make_fragile(model: nn.Module, model_name: str, factor: float, channels: int,
+                 images: np.ndarray) -> tuple[nn.Module, str, list[int]]:
     """A copy of ``model`` computing the same function with ``channels`` outlier input
-    channels, ``factor`` times larger, at one convolution (module docstring); returns the copy
-    and that convolution's name."""
+    channels, ``factor`` times larger, at one convolution (module docstring): the channels of
+    the largest mean activation there on ``images``. Returns the copy, that convolution's name
+    and the channels scaled (ascending)."""
     scaled_name, conv_name = FRAGILE[model_name]
     fragile = copy.deepcopy(model).eval()
     scaled, conv = fragile.get_submodule(scaled_name), fragile.get_submodule(conv_name)
     if not 0 < channels <= conv.in_channels:
         raise SystemExit(f"--outlier-channels must be in [1, {conv.in_channels}] (the input "
                          f"channels of {conv_name}), got {channels}")
+    seen: list[torch.Tensor] = []
+    hook = conv.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            fragile(torch.from_numpy(images))
+    finally:
+        hook.remove()
+    activity = seen[0].transpose(0, 1).reshape(conv.in_channels, -1).mean(dim=1)
+    # stable order: ties (e.g. channels that are never active) go to the lower index
+    order = sorted(range(conv.in_channels), key=lambda c: (-float(activity[c]), c))
+    chosen = sorted(order[:channels])
     with torch.no_grad():
-        scaled.weight[:channels] *= factor
-        scaled.bias[:channels] *= factor
-        conv.weight[:, :channels] /= factor
-    return fragile, conv_name
+        scaled.weight[chosen] *= factor
+        scaled.bias[chosen] *= factor
+        conv.weight[:, chosen] /= factor
+    return fragile, conv_name, chosen
 
 
 def export_fp32_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
