@@ -136,3 +136,26 @@ def test_into_functions_reject_bad_shapes_and_strides():
         blas.matmul_into(a, np.ones((3, 2)), np.zeros((8, 4))[::2, ::2])
     with pytest.raises(ValueError, match="gram_into: out must be"):
         blas.gram_into(a, np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("parts", [1, 3, 4, 11, 40])
+def test_lower_product_is_the_lower_triangle_of_the_product(dtype, tol, parts):
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((29, 11)).astype(dtype)
+    b = rng.standard_normal((29, 11)).astype(dtype)
+    expected = a.astype(np.float64).T @ b.astype(np.float64)
+    step = -(-11 // min(parts, 11))
+    for left in layouts(a):
+        for right in layouts(b):
+            result = blas.lower_product(left, right, parts=parts)
+            assert result.flags.f_contiguous and result.dtype == dtype
+            np.testing.assert_allclose(np.tril(result), np.tril(expected), rtol=tol,
+                                       atol=tol * 10)
+            # Above the diagonal: the diagonal blocks' upper parts, zero elsewhere.
+            for row in range(11):
+                for col in range(row + 1, 11):
+                    wanted = expected[row, col] if row // step == col // step else 0.0
+                    assert result[row, col] == pytest.approx(wanted, rel=tol, abs=tol * 10)
+    with pytest.raises(ValueError, match="one shape"):
+        blas.lower_product(a, b[:, :5])

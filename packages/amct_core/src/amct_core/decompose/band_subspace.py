@@ -287,10 +287,11 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         spare = buffer if basis is block else block
         _deflate(basis, locked)
         product = operator.product(basis, spare)
-        projected = blas.matmul(basis.T, product)
-        projected = (projected + projected.T) * 0.5
+        # H = Qᵀ B Q is symmetric: only its lower triangle is computed, and read.
+        projected = blas.lower_product(basis, product)
         # Divide and conquer on the whole k × k problem is faster than a subset solver here.
-        ritz, rotation = eigh(projected, driver="evd", overwrite_a=True, check_finite=False)
+        ritz, rotation = eigh(projected, lower=True, driver="evd", overwrite_a=True,
+                              check_finite=False)
         # Reversed views have negative strides, which BLAS cannot take: copy, in Fortran order
         # so that the leading columns are a contiguous block.
         ritz, rotation = ritz[::-1].astype(np.float64), np.asfortranarray(rotation[:, ::-1])

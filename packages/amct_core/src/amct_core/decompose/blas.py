@@ -216,3 +216,28 @@ def gram_into(matrix: np.ndarray, out: np.ndarray, beta: float = 0.0,
          by(_scalar(out.dtype, beta)), ctypes.c_void_p(out.ctypes.data),
          by(ctypes.c_int(_layout(out)[0])), _LEN(1), _LEN(1))
     return result
+
+
+#: Column blocks of :func:`lower_product`: the product takes (parts + 1)/(2·parts) of the
+#: flops of the full one (a 1479² result of 6144-long columns on two cores: 0.10 s with 4,
+#: 0.11 s with 2, 0.14 s for the full product; OpenBLAS's own ``?gemmt`` takes 0.40 s).
+LOWER_PRODUCT_PARTS = 4
+
+
+def lower_product(a: np.ndarray, b: np.ndarray, parts: int = LOWER_PRODUCT_PARTS
+                  ) -> np.ndarray:
+    """The lower triangle of ``aᵀ @ b`` (k × k, Fortran order) where only that triangle is
+    wanted, e.g. of a symmetric result: the k columns in ``parts`` blocks, block j of the
+    result from rows j.. of aᵀ only, one ``?gemm`` each. The diagonal blocks are whole (their
+    upper part set too); the rest above the diagonal is zero.
+    """
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"lower_product: needs two matrices of one shape, got {a.shape} and "
+                         f"{b.shape}")
+    size = a.shape[1]
+    out = np.zeros((size, size), dtype=a.dtype, order="F")
+    step = max(1, -(-size // max(1, int(parts))))
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        matmul_into(a[:, start:].T, b[:, start:stop], out[start:, start:stop])
+    return out
