@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = load_data(args.data_path)
     model = trained_model(args, data, "DMQ")
+    first = calibration_batches(data, 1, args.calib_batch_size)[0]
     if not args.no_fragile:
-        first = calibration_batches(data, 1, args.calib_batch_size)[0]
         model, fragile_layer, outliers = make_fragile(model, args.model, args.outlier,
                                                       args.outlier_channels, first)
         log(f"[DMQ] Made {fragile_layer} fragile: {args.outlier_channels} of its input "
@@ -146,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     modified_onnx_file = f"{prefix}_dmq_modified_model.onnx"
     if os.path.exists(record_file):
         os.remove(record_file)  # the balance factors of an earlier run must not be reused
-    first = calibration_batches(data, 1, args.calib_batch_size)[0]
     input_data = torch.from_numpy(first)
     log(f"[DMQ] 1/6 create_quant_config(config_defination={config_defination}) -> "
         f"{config_file}")
