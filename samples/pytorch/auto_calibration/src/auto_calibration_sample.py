@@ -173,15 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = load_data(args.data_path)
     model = trained_model(args, data, "AutoCalib")
+    batches = calibration_batches(data, args.batch_num, args.calib_batch_size)
     if not args.no_fragile:
-        first = calibration_batches(data, 1, args.calib_batch_size)[0]
         model, fragile_layer, outliers = make_fragile(model, args.model, args.outlier,
-                                                      args.outlier_channels, first)
+                                                      args.outlier_channels, batches[0])
         log(f"[AutoCalib] Made {fragile_layer} fragile: {args.outlier_channels} of its input "
             f"channels x{args.outlier:g} (channels {', '.join(map(str, outliers))}, the most "
             f"active on the first calibration batch), its matching weights "
             f"/{args.outlier:g} (same float network; --no-fragile to keep it as trained)")
-    batches = calibration_batches(data, args.batch_num, args.calib_batch_size)
     images, labels = test_split(data, args.eval_size)
     input_data = torch.from_numpy(batches[0])
 
