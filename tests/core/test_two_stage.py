@@ -170,11 +170,118 @@ def test_fused_bulge_chasing_is_the_float32_default_on_a_real_spectrum():
     band, _ = two_stage.reduce_to_band(np.asfortranarray(g.astype(np.float32)), 64)
     diag, offdiag = two_stage._parallel_tridiagonal(band, 1, fused=True)
     values = two_stage.band_eigenvalues(band)
-    from scipy.linalg import eigvalsh_tridiagonal
-    np.testing.assert_array_equal(values, np.sort(eigvalsh_tridiagonal(
-        diag, offdiag, lapack_driver="sterf").astype(np.float64)))
+    np.testing.assert_array_equal(values, two_stage.tridiagonal_eigenvalues(diag, offdiag))
     expected = np.linalg.eigvalsh(g)
     np.testing.assert_allclose(values, expected, atol=2e-5 * expected[-1])
+
+
+needs_bisection = pytest.mark.skipif(
+    not two_stage.bisection_eigenvalues(np.float32),
+    reason="the vectorised bisection needs the C extension _sturm_bisection")
+
+
+def tridiagonals() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Tridiagonal matrices that test bisection: the one of a real Gram matrix (digit
+    patches), Wilkinson's W⁺₂₁ (pairs of eigenvalues equal to 14 digits), a matrix that splits
+    into blocks (zero off-diagonals) with repeated eigenvalues, one with negative and
+    positive eigenvalues of very different sizes, and the smallest ones."""
+    from scipy.linalg.lapack import dsytrd
+
+    g = gram_of(patches(12, 1500), np.float64)
+    _, diag, offdiag, _, _ = dsytrd(g, lower=1)
+    w21 = np.abs(np.arange(-10.0, 11.0)), np.ones(20)
+    split_d = np.tile(np.array([2.0, 2.0, 5.0]), 40)
+    split_e = np.tile(np.array([1.0, 0.0, 0.0]), 40)[:-1]
+    rng = np.random.default_rng(3)
+    mixed = rng.normal(size=300) * np.logspace(-6, 3, 300), rng.normal(size=299)
+    return {"gram": (diag, offdiag), "wilkinson21": w21, "split": (split_d, split_e),
+            "mixed": mixed, "n=2": (np.array([1.0, -3.0]), np.array([0.5])),
+            "diagonal": (np.array([3.0, -1.0, 2.0]), np.zeros(2))}
+
+
+@needs_bisection
+@pytest.mark.parametrize("name", ["gram", "wilkinson21", "split", "mixed", "n=2", "diagonal"])
+def test_bisection_finds_every_eigenvalue_to_float32_rounding(name):
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    diag, offdiag = tridiagonals()[name]
+    expected = eigvalsh_tridiagonal(diag, offdiag)  # float64
+    d32, e32 = diag.astype(np.float32), offdiag.astype(np.float32)
+    exact = eigvalsh_tridiagonal(d32.astype(np.float64), e32.astype(np.float64))
+    kept = d32.copy(), e32.copy()
+    values = two_stage.tridiagonal_eigenvalues(d32, e32)
+    np.testing.assert_array_equal(d32, kept[0])
+    np.testing.assert_array_equal(e32, kept[1])
+    assert values.dtype == np.float64 and values.shape == expected.shape
+    assert np.all(np.diff(values) >= 0)
+    norm = np.abs(expected).max()
+    # Within a few ulps of ‖T‖ of the eigenvalues of the float32 matrix.
+    np.testing.assert_allclose(values, exact, rtol=0, atol=8 * np.finfo(np.float32).eps * norm)
+    np.testing.assert_allclose(values, expected, rtol=0, atol=1e-5 * norm)
+
+
+@needs_bisection
+def test_bisection_is_the_same_on_any_number_of_threads_with_or_without_avx512():
+    from amct_core.decompose import _sturm_bisection
+
+    diag, offdiag = (v.astype(np.float32) for v in tridiagonals()["gram"])
+    n = diag.shape[0]
+    results = []
+    for threads in (1, 2, 3):
+        for vectorised in (True, False):
+            out = np.empty(n, dtype=np.float32)
+            used = _sturm_bisection.eigenvalues(4, n, diag.ctypes.data, offdiag.ctypes.data,
+                                                out.ctypes.data, threads, vectorised)
+            assert used == threads
+            results.append(out)
+    for out in results[1:]:
+        np.testing.assert_array_equal(out, results[0])
+
+
+@needs_bisection
+def test_bisection_is_more_accurate_than_float32_sterf_on_a_real_spectrum():
+    # The reason it replaced ?sterf for float32: on the tridiagonal matrix of a real Gram
+    # matrix, float32 ?sterf's largest error is many times bisection's.
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    diag, offdiag = (v.astype(np.float32) for v in tridiagonals()["gram"])
+    exact = eigvalsh_tridiagonal(diag.astype(np.float64), offdiag.astype(np.float64))
+    sterf = np.sort(eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf"))
+    bisection = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+    assert np.abs(bisection - exact).max() <= np.abs(sterf - exact).max()
+
+
+@needs_bisection
+@pytest.mark.parametrize("power", [-70, 70])
+def test_bisection_of_a_matrix_whose_squared_entries_leave_the_float32_range(power):
+    # e² of entries near 2^±70 overflows or underflows float32: the matrix is scaled by a
+    # power of two (exact) for the Sturm counts, so the eigenvalues scale exactly with it.
+    diag, offdiag = (v.astype(np.float32) for v in tridiagonals()["wilkinson21"])
+    values = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+    scaled = two_stage.tridiagonal_eigenvalues(np.ldexp(diag, power), np.ldexp(offdiag, power))
+    np.testing.assert_array_equal(scaled, np.ldexp(values, power))
+
+
+@needs_bisection
+def test_bisection_refuses_nan():
+    diag = np.array([1.0, np.nan, 2.0], dtype=np.float32)
+    with pytest.raises(np.linalg.LinAlgError, match="NaN or Inf"):
+        two_stage.tridiagonal_eigenvalues(diag, np.ones(2, dtype=np.float32))
+
+
+def test_float64_and_no_c_extension_take_sterf(monkeypatch):
+    from scipy.linalg import eigvalsh_tridiagonal
+
+    diag, offdiag = tridiagonals()["mixed"]
+    expected = eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf")
+    np.testing.assert_array_equal(two_stage.tridiagonal_eigenvalues(diag, offdiag), expected)
+    assert not two_stage.bisection_eigenvalues(np.float64)
+    monkeypatch.setattr(two_stage, "_sturm_bisection", None)
+    assert not two_stage.bisection_eigenvalues(np.float32)
+    d32, e32 = diag.astype(np.float32), offdiag.astype(np.float32)
+    np.testing.assert_array_equal(
+        two_stage.tridiagonal_eigenvalues(d32, e32),
+        np.sort(eigvalsh_tridiagonal(d32, e32, lapack_driver="sterf").astype(np.float64)))
 
 
 def test_bulge_chasing_runs_scipys_blas_on_one_thread_and_restores_it(monkeypatch):
@@ -471,6 +578,8 @@ def test_band_reflectors_apply_in_blocks_as_one_at_a_time(monkeypatch, block):
 def test_tridiagonal_eigenvalues_are_lapacks_sterf(monkeypatch, dtype):
     from scipy.linalg import eigvalsh_tridiagonal
 
+    # The ?sterf path, which float32 takes where the bisection extension was not built.
+    monkeypatch.setattr(two_stage, "_sturm_bisection", None)
     rng = np.random.default_rng(6)
     diag, offdiag = rng.standard_normal(300).astype(dtype), rng.standard_normal(299).astype(dtype)
     expected = np.sort(eigvalsh_tridiagonal(diag, offdiag, lapack_driver="sterf")

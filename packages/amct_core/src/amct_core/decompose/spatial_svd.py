@@ -277,9 +277,10 @@ SUBSPACE_TOLERANCE = 1e-3
 
 def _eigenvalues_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors: np.ndarray,
                                tau: np.ndarray) -> tuple[np.ndarray, list]:
-    """(eigenvalues of the tridiagonal matrix, :func:`two_stage.reflector_blocks`): ``?sterf``
-    (one core, no BLAS) on a thread of its own while this one computes the blocks of the
-    back-transform with SciPy's BLAS on one thread, so the two overlap."""
+    """(eigenvalues of the tridiagonal matrix, :func:`two_stage.reflector_blocks`): the
+    eigenvalues (:func:`two_stage.tridiagonal_eigenvalues`, one core, no BLAS) on a thread of
+    their own while this one computes the blocks of the back-transform with SciPy's BLAS on
+    one thread, so the two overlap."""
     outcome: dict[str, object] = {}
 
     def spectrum() -> None:
@@ -288,7 +289,7 @@ def _eigenvalues_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors
         except BaseException as error:  # handed to the caller below
             outcome["error"] = error
 
-    worker = threading.Thread(target=spectrum, name="amct-sterf", daemon=True)
+    worker = threading.Thread(target=spectrum, name="amct-eigenvalues", daemon=True)
     worker.start()
     try:
         with two_stage.one_blas_thread():

@@ -128,6 +128,11 @@ try:
 except ImportError:  # built without a C compiler: LAPACK's sequential bulge chasing
     _bulge_chasing = None
 
+try:
+    from amct_core.decompose import _sturm_bisection
+except ImportError:  # built without a C compiler: LAPACK's ?sterf
+    _sturm_bisection = None
+
 #: Threads of the parallel bulge chasing (at most the CPUs this process may use); 1 runs
 #: LAPACK's own sequential ``?sytrd_sb2st``.
 BULGE_THREADS = 2
@@ -334,15 +339,38 @@ def band_tridiagonal(band: np.ndarray,
     return diag, offdiag[:max(n - 1, 0)]
 
 
-def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray) -> np.ndarray:
-    """All eigenvalues (ascending, float64) of the symmetric tridiagonal matrix, by LAPACK's
-    ``?sterf`` (Pal-Walker-Kahan QR), in the precision of ``diag``.
+def bisection_eigenvalues(dtype: np.dtype | type = np.float32) -> bool:
+    """Whether :func:`tridiagonal_eigenvalues` takes the eigenvalues of a ``dtype`` matrix by
+    the vectorised bisection of the C extension ``_sturm_bisection`` (built, and float32)."""
+    return _sturm_bisection is not None and np.dtype(dtype) == np.float32
 
-    Called through ``ctypes`` where the routine is found, which releases the GIL: the
-    solver runs it on a thread of its own while it prepares the back-transform (one core
-    for each, instead of ``?sterf`` alone on one of the two).
+
+def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray,
+                            threads: int = 1) -> np.ndarray:
+    """All eigenvalues (ascending, float64) of the symmetric tridiagonal matrix, in the
+    precision of ``diag``.
+
+    For float32 (:func:`bisection_eigenvalues`), bisection on Sturm counts of 64 shifts at a
+    time on ``threads`` threads: 0.05 s on one core for n = 6144 against 0.23 s for LAPACK's
+    ``?sterf``, and every eigenvalue within about ulp·‖T‖ of the exact one, where float32
+    ``?sterf`` strays up to 10⁻⁴·‖T‖ (measured against float64 on the Gram matrix of a
+    (2048, 2048, 3, 3) kernel). Otherwise ``?sterf`` (Pal-Walker-Kahan QR), which in float64
+    is faster than the bisection's 50 halvings per eigenvalue.
+
+    Both run without the GIL: the solver computes the eigenvalues on a thread of its own
+    while it prepares the back-transform (one core for each).
     """
     n = diag.shape[0]
+    if n >= 2 and bisection_eigenvalues(diag.dtype):
+        values = np.empty(n, dtype=np.float32)
+        d = np.ascontiguousarray(diag, dtype=np.float32)
+        e = np.ascontiguousarray(offdiag[:n - 1], dtype=np.float32)
+        try:
+            _sturm_bisection.eigenvalues(4, n, d.ctypes.data, e.ctypes.data, values.ctypes.data,
+                                         max(1, int(threads)))
+        except ValueError as error:  # NaN or Inf in the matrix
+            raise np.linalg.LinAlgError(f"tridiagonal eigenvalues: {error}") from error
+        return values.astype(np.float64)
     sterf = _ROUTINES.get(_prefix(diag.dtype), {}).get("sterf")
     if sterf is None or n < 2:
         values = eigvalsh_tridiagonal(diag, offdiag[:max(n - 1, 0)], lapack_driver="sterf")
@@ -421,8 +449,8 @@ def reflector_blocks(reflectors: np.ndarray, tau: np.ndarray,
     reflectors are used where they lie in ``reflectors``), or, where a reflector of the block
     has τ = 0 (H = I), the whole block copied with that reflector zeroed.
 
-    Independent of the vectors Q1 is applied to: the solver computes the blocks while
-    ``?sterf`` runs on the other core.
+    Independent of the vectors Q1 is applied to: the solver computes the blocks while the
+    eigenvalues are computed on the other core.
     """
     kd = int(bandwidth)
     count = tau.shape[0]
