@@ -596,7 +596,7 @@ def test_tridiagonal_eigenvalues_are_lapacks_sterf(monkeypatch, dtype):
     np.testing.assert_array_equal(two_stage.tridiagonal_eigenvalues(diag, offdiag), expected)
 
 
-def test_a_failure_of_sterf_on_its_thread_reaches_the_caller(monkeypatch):
+def test_a_failure_of_the_eigenvalues_on_their_thread_reaches_the_caller(monkeypatch):
     def fail(diag, offdiag):
         raise np.linalg.LinAlgError("3 eigenvalues did not converge")
 
@@ -606,3 +606,27 @@ def test_a_failure_of_sterf_on_its_thread_reaches_the_caller(monkeypatch):
     with pytest.raises(DecompositionError, match="two-stage reduction failed .*did not "
                                                  "converge"):
         factorize_kernel(weight, DecomposeMode.FCFK, rank=8)
+
+
+def test_a_rank_error_on_the_eigenvalue_thread_reaches_the_caller(monkeypatch):
+    # The rank is picked on the thread that computes the eigenvalues: a bad rank must still
+    # reach the caller as the DecompositionError that names it.
+    monkeypatch.setattr(spatial_svd_module, "TWO_STAGE_MIN_ROWS", 16)
+    weight = np.random.default_rng(7).standard_normal((40, 30, 3, 3)).astype(np.float32)
+    with pytest.raises(DecompositionError, match=r"rank must be in \[1, 120\]"):
+        factorize_kernel(weight, DecomposeMode.FCFK, rank=500)
+
+
+def test_the_start_block_drawn_ahead_is_the_seeded_one():
+    g = gram_of(patches(8, 600), np.float32)
+    band, _ = two_stage.reduce_to_band(g.copy(order="F"), 8)
+    values = two_stage.band_eigenvalues(band)
+    alone, excess = band_subspace.top_band_eigenvectors(band, values, 10)
+    ahead, excess_ahead = band_subspace.top_band_eigenvectors(
+        band, values, 10, start=band_subspace.start_block(64, 10, np.float32))
+    np.testing.assert_array_equal(ahead, alone)
+    assert excess_ahead == excess
+    with pytest.raises(ValueError, match=r"start must be a C-ordered float32 array of shape "
+                                         r"\(64, 26\)"):
+        band_subspace.top_band_eigenvectors(band, values, 10,
+                                            start=np.zeros((64, 10), np.float32))

@@ -68,6 +68,15 @@ def block_size(n: int, rank: int) -> int:
     return min(n, rank + max(MIN_OVERSAMPLING, math.ceil(OVERSAMPLING * rank)))
 
 
+def start_block(n: int, rank: int, dtype: np.dtype | type, seed: int = 0) -> np.ndarray:
+    """The seeded random start of :func:`top_band_eigenvectors`: n × :func:`block_size`
+    entries uniform on [-1, 1) (as good a start as Gaussian entries, at a third of the cost)."""
+    block = np.random.default_rng(seed).random((n, block_size(n, rank)), dtype=dtype)
+    block *= 2.0
+    block -= 1.0
+    return block
+
+
 class _BandOperator:
     """(B − shift·I)·X for a symmetric band matrix B in LAPACK lower band storage, by dense
     slabs of rows (each slab holds its rows' whole band, with the shift on its diagonal, so
@@ -218,8 +227,8 @@ def _orthonormalise(block: np.ndarray) -> np.ndarray:
 
 
 def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
-                          tolerance: float = 1e-3, seed: int = 0
-                          ) -> tuple[np.ndarray, float]:
+                          tolerance: float = 1e-3, seed: int = 0,
+                          start: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """The ``rank`` leading eigenvectors (n × rank, orthonormal, leading first) of the
     symmetric band matrix ``band`` (LAPACK lower band storage) whose eigenvalues (any order)
     are ``eigenvalues``.
@@ -229,7 +238,8 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
     :data:`MAX_ROUNDS` rounds were not enough). Where the optimal error is at the rounding
     level (a matrix of rank below r), the target is that level, :data:`ROUNDING_FLOOR`·ε·tr(B),
     and the excess is measured against it divided by ``tolerance``. The random start is
-    seeded, so the result is reproducible.
+    seeded, so the result is reproducible; ``start``, if given, is that block
+    (:func:`start_block` of ``seed``, drawn ahead by the caller) and is overwritten.
     """
     dtype = band.dtype
     n = band.shape[1]
@@ -268,10 +278,12 @@ def top_band_eigenvectors(band: np.ndarray, eigenvalues: np.ndarray, rank: int,
         return (value - center) / half_width
 
     operator = _BandOperator(band, dtype, shift=center)
-    # Uniform on [-1, 1): as good a start as Gaussian entries, at a third of the cost.
-    block = np.random.default_rng(seed).random((n, k), dtype=dtype)
-    block *= 2.0
-    block -= 1.0
+    if start is None:
+        block = start_block(n, rank, dtype, seed)
+    elif start.shape != (n, k) or start.dtype != dtype or not start.flags.c_contiguous:
+        raise ValueError(f"start must be a C-ordered {dtype} array of shape {(n, k)}")
+    else:
+        block = start
     locked = np.zeros((n, 0), dtype=dtype)
     locked_ritz = np.zeros(0)
     for round_index in range(MAX_ROUNDS):

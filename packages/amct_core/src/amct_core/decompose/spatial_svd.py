@@ -275,17 +275,27 @@ BAND_WIDTH = 96
 SUBSPACE_TOLERANCE = 1e-3
 
 
-def _eigenvalues_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors: np.ndarray,
-                               tau: np.ndarray) -> tuple[np.ndarray, list]:
-    """(eigenvalues of the tridiagonal matrix, :func:`two_stage.reflector_blocks`): the
-    eigenvalues (:func:`two_stage.tridiagonal_eigenvalues`, one core, no BLAS) on a thread of
-    their own while this one computes the blocks of the back-transform with SciPy's BLAS on
-    one thread, so the two overlap."""
+def _spectrum_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors: np.ndarray,
+                            tau: np.ndarray, choose_rank: Callable[[np.ndarray], int]
+                            ) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None, list]:
+    """(eigenvalues of the tridiagonal matrix, ascending; singular values, descending; the
+    rank; the subspace iteration's start block for it, or None for rank 0;
+    :func:`two_stage.reflector_blocks`).
+
+    A thread of its own computes the eigenvalues (:func:`two_stage.tridiagonal_eigenvalues`,
+    one core, no BLAS), picks the rank from them and draws the start block
+    (:func:`band_subspace.start_block`) while this one computes the blocks of the
+    back-transform with SciPy's BLAS on one thread, so the two overlap."""
     outcome: dict[str, object] = {}
 
     def spectrum() -> None:
         try:
-            outcome["values"] = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+            values = two_stage.tridiagonal_eigenvalues(diag, offdiag)
+            singular = np.sqrt(np.clip(values[::-1], 0.0, None))
+            rank = choose_rank(singular)
+            start = (band_subspace.start_block(values.shape[0], rank, reflectors.dtype)
+                     if rank > 0 else None)
+            outcome["result"] = values, singular, rank, start
         except BaseException as error:  # handed to the caller below
             outcome["error"] = error
 
@@ -298,7 +308,7 @@ def _eigenvalues_beside_blocks(diag: np.ndarray, offdiag: np.ndarray, reflectors
         worker.join()
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["values"], blocks
+    return (*outcome["result"], blocks)
 
 
 def _two_stage_spectrum_and_top_vectors(
@@ -310,15 +320,15 @@ def _two_stage_spectrum_and_top_vectors(
     try:
         band, tau = two_stage.reduce_to_band(gram, BAND_WIDTH)
         diag, offdiag = two_stage.band_tridiagonal(band)
-        eigenvalues, blocks = _eigenvalues_beside_blocks(diag, offdiag, gram, tau)
+        eigenvalues, singular, rank, start, blocks = _spectrum_beside_blocks(
+            diag, offdiag, gram, tau, choose_rank)
     except np.linalg.LinAlgError as error:
         raise DecompositionError(f"two-stage reduction failed ({error})") from error
-    singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
-    rank = choose_rank(singular)
     if rank <= 0:
         return singular, np.zeros((gram.shape[0], 0), dtype=gram.dtype)
     vectors, excess = band_subspace.top_band_eigenvectors(band, eigenvalues, rank,
-                                                          tolerance=SUBSPACE_TOLERANCE)
+                                                          tolerance=SUBSPACE_TOLERANCE,
+                                                          start=start)
     if excess > SUBSPACE_TOLERANCE:
         _LOGGER.warning("the rank-%d factors are %.3g%% above the optimal error (target "
                         "%.3g%%)", rank, 100.0 * excess, 100.0 * SUBSPACE_TOLERANCE)
