@@ -14,6 +14,11 @@ no pretrained model of these shapes ships with a pip package, and the cost depen
 shape, not on the values.
 
     python bench/decompose_bench.py [--shapes 512,512,5,5 1024,1024,3,3 ...] [--no-numpy]
+                                    [--repeat N]
+
+``--repeat N`` runs amct_core's solver N times per shape (each in a fresh process) and prints
+the median time, with the fastest and slowest run in ``spread s``: on a shared or virtual
+machine one run can be several percent off.
 """
 from __future__ import annotations
 
@@ -111,6 +116,13 @@ def run_child(kind: str, shape: tuple[int, ...], timeout: float) -> dict | None:
                 os.unlink(path)
 
 
+def median_and_spread(values: list[float]) -> tuple[float, str]:
+    """(median of ``values``, "min-max" of them, or "" for one value)."""
+    median = float(np.median(values))
+    spread = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+    return median, spread
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="*", default=None,
@@ -119,9 +131,13 @@ def main() -> None:
                         help="skip the numpy.linalg.svd baseline (no optimal-error check)")
     parser.add_argument("--numpy-timeout", type=float, default=1800.0,
                         help="seconds after which the numpy baseline of one shape is abandoned")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of amct_core's solver per shape (the median is printed)")
     parser.add_argument("--child", choices=["amct", "numpy"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
               else SEED_SHAPES)
     if args.child:
@@ -129,12 +145,16 @@ def main() -> None:
         return
     print(f"[bench] {os.cpu_count()} CPU cores; synthetic float32 kernels (seeded Gaussian, "
           f"decaying input-channel scale); {REFERENCE_NOTE}", flush=True)
-    header = (f"{'shape':>20} {'mode':>5} {'rank':>5} {'amct s':>8} {'amct MB':>8} "
+    header = (f"{'shape':>20} {'mode':>5} {'rank':>5} {'amct s':>8} {'spread s':>11} "
+              f"{'amct MB':>8} "
               f"{'numpy s':>8} {'numpy MB':>8} {'ref s':>6} {'goal s':>6} {'vs ref':>7} "
               f"{'vs numpy':>8} {'err/opt':>8}")
     print(header)
     for shape in shapes:
-        ours = run_child("amct", shape, timeout=3600)
+        runs = [run_child("amct", shape, timeout=3600) for _ in range(args.repeat)]
+        ours = dict(runs[0])
+        ours["seconds"], spread = median_and_spread([run["seconds"] for run in runs])
+        ours["peak_mb"] = max(run["peak_mb"] for run in runs)
         base = None if args.no_numpy else run_child("numpy", shape, args.numpy_timeout)
         reference = REFERENCE_SECONDS.get(shape)
         ratio = "" if base is None else f"{base['seconds'] / ours['seconds']:.1f}x"
@@ -148,10 +168,11 @@ def main() -> None:
             "" if base is None else f"{base['seconds']:.2f}")
         numpy_mb = "" if base is None else f"{base['peak_mb']:.0f}"
         print(f"{shape!s:>20} {ours['mode']:>5} {ours['rank']:>5} {ours['seconds']:>8.2f} "
-              f"{ours['peak_mb']:>8.0f} {numpy_s:>8} {numpy_mb:>8} "
+              f"{spread:>11} {ours['peak_mb']:>8.0f} {numpy_s:>8} {numpy_mb:>8} "
               f"{'' if reference is None else reference:>6} {goal:>6} {vs_ref:>7} {ratio:>8} "
               f"{err:>8}", flush=True)
-    print("[bench] amct MB / numpy MB: peak RSS of the whole process (kernel included); "
+    print(f"[bench] amct s: median of {args.repeat} run(s); "
+          "amct MB / numpy MB: peak RSS of the whole process (kernel included); "
           "err/opt: factor error over the optimal rank-r error (1.0 = optimal)")
 
 

@@ -15,7 +15,11 @@ Figures are printed beside the reference TF figures (AMCT on a Xeon E5-2699 v4, 
 Kernels are the synthetic ones of decompose_bench.py (seeded, float32): no pretrained model
 of these shapes ships with a pip package, and the cost depends on the shape, not the values.
 
-    python bench/tf_decompose_bench.py [--shapes 512,512,5,5 ...]
+    python bench/tf_decompose_bench.py [--shapes 512,512,5,5 ...] [--repeat N]
+
+``--repeat N`` runs ``auto_decomposition`` and the solver alone N times per shape (each in a
+fresh process, on the same checkpoint) and prints the medians, with the fastest and slowest
+total in ``spread s``; peak MB is the largest of the runs.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decompose_bench import SEED_SHAPES, make_kernel
+from decompose_bench import SEED_SHAPES, make_kernel, median_and_spread
 
 TF_REFERENCE_SECONDS = {(512, 512, 5, 5): 25.0, (1024, 1024, 3, 3): 16.0,
                         (1024, 1024, 5, 5): 78.0, (2048, 2048, 3, 3): 63.0,
@@ -135,6 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="kernel shapes as Cout,Cin,KH,KW (default: the five seed shapes)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per shape (the medians are printed)")
     parser.add_argument("--child", choices=["write", "decompose", "solver"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -143,6 +149,8 @@ def main() -> None:
     args, _ = parser.parse_known_args()
     shapes = ([tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes
               else SEED_SHAPES)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.child == "write":
         child_write(shapes[0], args.folder)
         return
@@ -154,23 +162,29 @@ def main() -> None:
         return
     print(f"[bench] {os.cpu_count()} CPU cores; TensorFlow auto_decomposition on a checkpoint "
           f"holding one conv; synthetic float32 kernels; {TF_REFERENCE_NOTE}", flush=True)
-    print(f"{'shape':>20} {'total s':>8} {'solver s':>8} {'io+graph':>8} {'alone s':>8} "
-          f"{'peak MB':>8} {'ref s':>6} {'goal s':>6} {'vs ref':>7}", flush=True)
+    print(f"{'shape':>20} {'total s':>8} {'spread s':>11} {'solver s':>8} {'io+graph':>8} "
+          f"{'alone s':>8} {'peak MB':>8} {'ref s':>6} {'goal s':>6} {'vs ref':>7}", flush=True)
     for shape in shapes:
         folder = tempfile.mkdtemp(prefix="amct-tf-bench-")
         try:
             _child("write", shape, folder)
-            ours = _child("decompose", shape, folder)
-            solver = _child("solver", shape, folder)
+            runs = [_child("decompose", shape, folder) for _ in range(args.repeat)]
+            alone = [_child("solver", shape, folder)["seconds"] for _ in range(args.repeat)]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        total, spread = median_and_spread([run["seconds"] for run in runs])
+        solver = float(np.median([run["solver_seconds"] for run in runs]))
+        extra = float(np.median([run["seconds"] - run["solver_seconds"] for run in runs]))
+        peak = max(run["peak_mb"] for run in runs)
         reference = TF_REFERENCE_SECONDS.get(shape)
-        vs_ref = "" if reference is None else f"{reference / ours['seconds']:.1f}x"
+        vs_ref = "" if reference is None else f"{reference / total:.1f}x"
         goal = "" if reference is None else f"{reference / 10:.1f}"
-        extra = ours["seconds"] - ours["solver_seconds"]
-        print(f"{shape!s:>20} {ours['seconds']:>8.2f} {ours['solver_seconds']:>8.2f} "
-              f"{extra:>8.2f} {solver['seconds']:>8.2f} {ours['peak_mb']:>8.0f} "
-              f"{reference or '':>6} {goal:>6} {vs_ref:>7}", flush=True)
+        print(f"{shape!s:>20} {total:>8.2f} {spread:>11} {solver:>8.2f} {extra:>8.2f} "
+              f"{float(np.median(alone)):>8.2f} {peak:>8.0f} {reference or '':>6} {goal:>6} "
+              f"{vs_ref:>7}", flush=True)
+    if args.repeat > 1:
+        print(f"[bench] medians of {args.repeat} runs per shape; spread s: fastest-slowest "
+              f"total", flush=True)
 
 
 if __name__ == "__main__":
