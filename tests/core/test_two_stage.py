@@ -196,11 +196,13 @@ def tridiagonals() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     mixed = rng.normal(size=300) * np.logspace(-6, 3, 300), rng.normal(size=299)
     return {"gram": (diag, offdiag), "wilkinson21": w21, "split": (split_d, split_e),
             "mixed": mixed, "n=2": (np.array([1.0, -3.0]), np.array([0.5])),
-            "diagonal": (np.array([3.0, -1.0, 2.0]), np.zeros(2))}
+            "diagonal": (np.array([3.0, -1.0, 2.0]), np.zeros(2)),
+            "zero": (np.zeros(5), np.zeros(4))}
 
 
 @needs_bisection
-@pytest.mark.parametrize("name", ["gram", "wilkinson21", "split", "mixed", "n=2", "diagonal"])
+@pytest.mark.parametrize("name", ["gram", "wilkinson21", "split", "mixed", "n=2", "diagonal",
+                                  "zero"])
 def test_bisection_finds_every_eigenvalue_to_float32_rounding(name):
     from scipy.linalg import eigvalsh_tridiagonal
 
@@ -214,7 +216,7 @@ def test_bisection_finds_every_eigenvalue_to_float32_rounding(name):
     np.testing.assert_array_equal(e32, kept[1])
     assert values.dtype == np.float64 and values.shape == expected.shape
     assert np.all(np.diff(values) >= 0)
-    norm = np.abs(expected).max()
+    norm = max(np.abs(expected).max(), np.finfo(np.float32).tiny)
     # Within a few ulps of ‖T‖ of the eigenvalues of the float32 matrix.
     np.testing.assert_allclose(values, exact, rtol=0, atol=8 * np.finfo(np.float32).eps * norm)
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-5 * norm)

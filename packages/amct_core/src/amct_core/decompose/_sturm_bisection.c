@@ -29,6 +29,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifndef _WIN32
 #include <pthread.h>
@@ -257,8 +258,12 @@ static PyObject *eigenvalues(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "eigenvalues: the matrix holds NaN or Inf");
         return NULL;
     }
+    if (amax == 0.0) { /* the zero matrix: n zero eigenvalues, exactly */
+        memset((void *)(uintptr_t)out_addr, 0, (size_t)n * (size_t)itemsize);
+        return PyLong_FromLong(1);
+    }
     int exponent = 0;
-    if (amax > 0.0) frexp(amax, &exponent);
+    frexp(amax, &exponent);
     const double scale = ldexp(1.0, 1 - exponent);
     /* d and e^2, scaled, one after the other. */
     char *scaled = PyMem_RawMalloc((size_t)(2 * n) * (size_t)itemsize);
