@@ -24,10 +24,11 @@ s_h² of G (the EVBMF rank rule needs the spectrum) and only the top r eigenvect
   matrix (inverse iteration from those eigenvalues; bisection or MRRR where the matrix splits
   or that fails) mapped back through the reflectors: exact;
 * from there on, the two-stage reduction (:mod:`.two_stage`: dense → band → tridiagonal, all
-  matrix-matrix work) for the eigenvalues (by bisection for float32), and the top r eigenvectors of the band matrix by
-  Chebyshev-filtered subspace iteration (:mod:`.band_subspace`), which stops once the factor
-  error is within :data:`SUBSPACE_TOLERANCE` (0.1 %) of the optimal error, a bound it checks
-  against the exact spectrum. About twice as fast for the large kernels of the seeds.
+  matrix-matrix work) for the eigenvalues (by bisection for float32), and the top r
+  eigenvectors of the band matrix by Chebyshev-filtered subspace iteration
+  (:mod:`.band_subspace`), which stops once the factor error is within
+  :data:`SUBSPACE_TOLERANCE` (0.1 %) of the optimal error, a bound it checks against the
+  exact spectrum. About twice as fast for the large kernels of the seeds.
 
 Nor does it copy Y out of the kernel: G and U_rᵀ Y are taken block by block from the kernel
 stored kernel axes first (:mod:`.kernel_blocks`), which a TensorFlow kernel already is.
