@@ -316,7 +316,9 @@ static PyObject *eigenvalues(PyObject *self, PyObject *args) {
         int started[MAX_THREADS] = {0};
         for (int t = 1; t < threads; ++t)
             started[t] = pthread_create(&ids[t], NULL, bisect_thread, &jobs[t]) == 0;
+#endif
         bisect_thread(&jobs[0]);
+#if AMCT_HAVE_THREADS
         for (int t = 1; t < threads; ++t) {
             if (started[t]) {
                 pthread_join(ids[t], NULL);
