@@ -232,7 +232,7 @@ def test_bisection_is_the_same_on_any_number_of_threads_with_or_without_avx512()
     for threads in (1, 2, 3):
         for vectorised in (True, False):
             out = np.empty(n, dtype=np.float32)
-            used = _sturm_bisection.eigenvalues(4, n, diag.ctypes.data, offdiag.ctypes.data,
+            used = _sturm_bisection.eigenvalues(n, diag.ctypes.data, offdiag.ctypes.data,
                                                 out.ctypes.data, threads, vectorised)
             assert used == threads
             results.append(out)

@@ -345,13 +345,12 @@ def bisection_eigenvalues(dtype: np.dtype | type = np.float32) -> bool:
     return _sturm_bisection is not None and np.dtype(dtype) == np.float32
 
 
-def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray,
-                            threads: int = 1) -> np.ndarray:
+def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray) -> np.ndarray:
     """All eigenvalues (ascending, float64) of the symmetric tridiagonal matrix, in the
     precision of ``diag``.
 
     For float32 (:func:`bisection_eigenvalues`), bisection on Sturm counts of 64 shifts at a
-    time on ``threads`` threads: 0.05 s on one core for n = 6144 against 0.23 s for LAPACK's
+    time on one thread: 0.05 s on one core for n = 6144 against 0.23 s for LAPACK's
     ``?sterf``, and every eigenvalue within about ulp·‖T‖ of the exact one, where float32
     ``?sterf`` strays up to 10⁻⁴·‖T‖ (measured against float64 on the Gram matrix of a
     (2048, 2048, 3, 3) kernel). Otherwise ``?sterf`` (Pal-Walker-Kahan QR), which in float64
@@ -366,8 +365,7 @@ def tridiagonal_eigenvalues(diag: np.ndarray, offdiag: np.ndarray,
         d = np.ascontiguousarray(diag, dtype=np.float32)
         e = np.ascontiguousarray(offdiag[:n - 1], dtype=np.float32)
         try:
-            _sturm_bisection.eigenvalues(4, n, d.ctypes.data, e.ctypes.data, values.ctypes.data,
-                                         max(1, int(threads)))
+            _sturm_bisection.eigenvalues(n, d.ctypes.data, e.ctypes.data, values.ctypes.data, 1)
         except ValueError as error:  # NaN or Inf in the matrix
             raise np.linalg.LinAlgError(f"tridiagonal eigenvalues: {error}") from error
         return values.astype(np.float64)
