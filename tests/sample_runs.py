@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -71,3 +73,42 @@ def run_script(cwd: Path, *args: str, expect_rc: int = 0) -> str:
     assert proc.returncode == expect_rc, (
         f"{' '.join(args)} exited with {proc.returncode}:\n{proc.stdout}")
     return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_two_ranks(cwd: Path, launcher: str, script: str, *args: str) -> str:
+    """Run ``python -m <launcher> --nproc_per_node=2 <script> <args>`` (``launcher`` is
+    ``torch.distributed.run`` or ``torch.distributed.launch``) on CPU; return what each rank
+    printed, every line prefixed ``[default<rank>]:`` as ``--tee`` prints it, rank 0 first,
+    each rank's stdout (where the AMCT log goes) before its stderr.
+
+    The lines come from the per-rank files the launcher writes under ``--log-dir``, not from
+    its console copy: the launcher copies those files to the console while the ranks still
+    write them, and a read that lands in the middle of a write cuts a line in two, the second
+    half without its prefix (seen once in a few hundred runs: a rank's log line missing).
+    """
+    env = script_env()
+    env["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory(prefix="ranks-") as log_dir:
+        command = [sys.executable, "-m", launcher, "--nproc_per_node=2", "--tee=3",
+                   f"--log-dir={log_dir}", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", script, *args]
+        proc = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, f"{' '.join(command)} exited with {proc.returncode}:\n" \
+                                     f"{proc.stdout}"
+        lines = []
+        for rank in (0, 1):
+            files = [sorted(Path(log_dir).glob(f"*/attempt_*/{rank}/{stream}.log"))
+                     for stream in ("stdout", "stderr")]
+            assert all(len(found) == 1 for found in files), \
+                f"rank {rank}'s log files under --log-dir: {files}\n{proc.stdout}"
+            for found in files:
+                lines += [f"[default{rank}]:{line}"
+                          for line in found[0].read_text(errors="replace").splitlines()]
+    return "\n".join(lines) + "\n"

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from sample_runs import AMCT, assert_in_order, copy_samples
+from sample_runs import AMCT, assert_in_order, copy_samples, launch_two_ranks
 
 TEST_LINE = re.compile(
     r"^\[default0\]:\[Test\] Loss: \d+\.\d{6}, Accuracy: (\d+\.\d{2})% \((\d+)/(\d+)\)$", re.M)
@@ -26,33 +25,10 @@ FAST = ["--test-batch-size", "500", "--log-steps", "5", "--seed", "3"]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch(cwd: Path, launcher: str, *args: str) -> str:
-    """Run src/ddp_train.py on 2 processes; return the combined, rank-prefixed output."""
-    env = dict(os.environ)
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1",
-                "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"})
-    command = [sys.executable, "-m", launcher, "--nproc_per_node=2", "--tee=3",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "src/ddp_train.py", *args]
-    proc = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{' '.join(command)} exited with {proc.returncode}:\n" \
-                                 f"{proc.stdout}"
-    return proc.stdout
-
-
 def rank_messages(output: str, rank: int) -> list[str]:
     prefix = f"[default{rank}]:"
     return [line.split(AMCT, 1)[1] for line in output.splitlines()
             if line.startswith(prefix) and AMCT in line]
-
-
 
 
 def checksums(output: str) -> dict[int, str]:
@@ -67,20 +43,20 @@ def checksums(output: str) -> dict[int, str]:
 def test_two_process_online_decomposition(tmp_path: Path) -> None:
     workdir = copy_samples(tmp_path, "pytorch/tensor_decompose")
 
-    base = launch(workdir, "torch.distributed.launch", "--save-path", "model/ddp/baseline.pth",
-                  "--steps", "15", *FAST)
+    base = launch_two_ranks(workdir, "torch.distributed.launch", "src/ddp_train.py",
+                            "--save-path", "model/ddp/baseline.pth", "--steps", "15", *FAST)
     assert (workdir / "model" / "ddp" / "baseline.pth").is_file()
     assert len(TEST_LINE.findall(base)) == 1
     assert len(set(checksums(base).values())) == 1
 
-    out = launch(workdir, "torch.distributed.run",
-                 "--lr", "0.001",
-                 "--save-path", "model/ddp/online/decomposed_finetuned.pth",
-                 "--pretrained-path", "model/ddp/baseline.pth",
-                 "--tensor-decompose",
-                 "--decompose-info-path", "model/ddp/online/decompose_info.json",
-                 "--decomposed-weights-path", "model/ddp/online/decomposed_weights.pth",
-                 "--run-mode", "online", "--steps", "10", *FAST)
+    out = launch_two_ranks(workdir, "torch.distributed.run", "src/ddp_train.py",
+                           "--lr", "0.001",
+                           "--save-path", "model/ddp/online/decomposed_finetuned.pth",
+                           "--pretrained-path", "model/ddp/baseline.pth",
+                           "--tensor-decompose",
+                           "--decompose-info-path", "model/ddp/online/decompose_info.json",
+                           "--decomposed-weights-path", "model/ddp/online/decomposed_weights.pth",
+                           "--run-mode", "online", "--steps", "10", *FAST)
 
     rank0, rank1 = rank_messages(out, 0), rank_messages(out, 1)
     assert_in_order(rank0, [
@@ -125,13 +101,14 @@ def test_two_process_online_decomposition(tmp_path: Path) -> None:
     assert f"CHECKSUM {digests[1]}" in proc.stdout
 
     # Offline mode: every rank rebuilds the structure from the same files, nobody decomposes.
-    offline = launch(workdir, "torch.distributed.run",
-                     "--lr", "0.001",
-                     "--save-path", "model/ddp/offline/decomposed_finetuned.pth",
-                     "--tensor-decompose",
-                     "--decompose-info-path", "model/ddp/online/decompose_info.json",
-                     "--decomposed-weights-path", "model/ddp/online/decomposed_weights.pth",
-                     "--run-mode", "offline", "--steps", "5", *FAST)
+    offline = launch_two_ranks(
+        workdir, "torch.distributed.run", "src/ddp_train.py",
+        "--lr", "0.001",
+        "--save-path", "model/ddp/offline/decomposed_finetuned.pth",
+        "--tensor-decompose",
+        "--decompose-info-path", "model/ddp/online/decompose_info.json",
+        "--decomposed-weights-path", "model/ddp/online/decomposed_weights.pth",
+        "--run-mode", "offline", "--steps", "5", *FAST)
     for rank in (0, 1):
         messages = rank_messages(offline, rank)
         assert_in_order(messages, ["decompose_network start.",

@@ -19,16 +19,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from sample_runs import SAMPLES, copy_samples, load_module, run_script, script_env
+from sample_runs import SAMPLES, copy_samples, launch_two_ranks, load_module, run_script
 
 from amct_core.quant.record import read_record
 
@@ -84,25 +81,10 @@ def op_types(path: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def torchrun(cwd: Path, *args: str) -> str:
     """``python -m torch.distributed.run --nproc_per_node=2 src/retrain_qat.py <args>``;
     returns the rank-prefixed output."""
-    env = script_env()
-    env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               "src/retrain_qat.py", *args]
-    proc = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, f"{' '.join(command)} exited with {proc.returncode}:\n" \
-                                 f"{proc.stdout}"
-    return proc.stdout
+    return launch_two_ranks(cwd, "torch.distributed.run", "src/retrain_qat.py", *args)
 
 
 @pytest.fixture(scope="module")
