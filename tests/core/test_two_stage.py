@@ -160,8 +160,11 @@ def test_fused_bulge_chasing_keeps_the_spectrum_on_any_thread_count(threads):
         expected = np.linalg.eigvalsh(dense_band(band.astype(np.float64)))
         np.testing.assert_allclose(values, expected, atol=2e-6 * np.abs(expected).max()
                                    * np.sqrt(n), err_msg=f"n={n}, kd={kd}")
-        lapack_diag, _ = two_stage._lapack_tridiagonal(band)
-        np.testing.assert_allclose(diag.sum(), lapack_diag.sum(), rtol=1e-4)  # trace
+        # The trace is kept, to the rounding of float32 sums (a relative test would fail on
+        # the traces near zero that cancellation leaves in some of these random bands).
+        trace = float(band[0].astype(np.float64).sum())
+        np.testing.assert_allclose(float(diag.astype(np.float64).sum()), trace,
+                                   atol=2e-6 * np.sqrt(n * kd) * np.abs(band).max())
 
 
 @needs_fused_chase
