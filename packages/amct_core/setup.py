@@ -1,4 +1,4 @@
-"""Build script of amct-core: its three optional C extensions.
+"""Build script of amct-core: its four optional C extensions.
 
 ``amct_core.decompose._bulge_chasing`` (plain C, no numpy headers) runs the bulge chasing of
 the two-stage tridiagonal reduction on two threads, through LAPACK's own kernels or, for
@@ -9,6 +9,12 @@ without a C compiler the install goes on and the solver calls LAPACK's sequentia
 ``amct_core.decompose._sturm_bisection`` (plain C) computes the eigenvalues of the float32
 tridiagonal matrix by bisection on vectorised Sturm counts, four times faster than LAPACK's
 ``?sterf`` and more accurate; without it the solver calls ``?sterf``.
+
+``amct_core.decompose._band_reduction`` (plain C) runs the first stage of that reduction,
+dense to band, for float32 at band half-width 96 on a CPU with AVX-512, on two threads with its
+own kernels for the symmetric product and the rank-2k update of each panel (about 15 % faster
+than OpenBLAS's for these 96-wide panels); without it, or on another CPU, the panels go
+through OpenBLAS.
 
 ``amct_core._crc32c`` sums buffers with CRC-32C (the checksum of TensorFlow checkpoints) at
 memory speed; without it :mod:`amct_core.crc32c` computes it in Python, for small buffers.
@@ -25,7 +31,11 @@ _STURM_BISECTION = Extension("amct_core.decompose._sturm_bisection",
                              sources=["src/amct_core/decompose/_sturm_bisection.c"],
                              extra_compile_args=["-O3"], optional=True)
 
+_BAND_REDUCTION = Extension("amct_core.decompose._band_reduction",
+                            sources=["src/amct_core/decompose/_band_reduction.c"],
+                            extra_compile_args=["-O3"], optional=True)
+
 _CRC32C = Extension("amct_core._crc32c", sources=["src/amct_core/_crc32c.c"],
                     extra_compile_args=["-O2"], optional=True)
 
-setup(ext_modules=[_BULGE_CHASING, _STURM_BISECTION, _CRC32C])
+setup(ext_modules=[_BULGE_CHASING, _STURM_BISECTION, _BAND_REDUCTION, _CRC32C])

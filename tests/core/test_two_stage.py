@@ -94,6 +94,74 @@ def test_band_reduction_keeps_the_spectrum_and_q1_maps_back(monkeypatch, dtype, 
     np.testing.assert_array_equal(fortran, original)
 
 
+needs_threaded_reduction = pytest.mark.skipif(
+    not two_stage.threaded_reduction(np.float32, two_stage.REDUCTION_BAND_WIDTH),
+    reason="the C extension amct_core.decompose._band_reduction was not built, or this CPU has "
+           "no AVX-512")
+
+
+@needs_threaded_reduction
+@pytest.mark.parametrize("side", [14, 19, 20])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_band_reduction_keeps_the_spectrum_and_q1_maps_back(monkeypatch, side, threads):
+    """The extension's reduction (kd = 96, float32) on n = 196 (one panel, then a 4-row panel
+    for the LAPACK loop), 361 (tiles of 9 and 73 rows, a 73-row last panel) and 400 (three
+    panels, then 16 rows): the band has the matrix's spectrum, Q1 is orthogonal and
+    Q1 B Q1ᵀ = G; nothing above the diagonal is read or written (NaN there stays NaN and
+    reaches nothing); the same bits on every run; the same band as OpenBLAS's kernels up to
+    rounding."""
+    kd = two_stage.REDUCTION_BAND_WIDTH
+    monkeypatch.setattr(two_stage, "REDUCTION_THREADS", threads)
+    g = gram_of(patches(side, 3000), np.float64)
+    n = g.shape[0]
+    work = np.asfortranarray(g.astype(np.float32))
+    upper = np.triu_indices(n, 1)
+    work[upper] = np.nan
+    band, tau = two_stage.reduce_to_band(work, kd)
+    assert np.all(np.isnan(work[upper]))
+    assert np.all(np.isfinite(band)) and np.all(np.isfinite(tau))
+    expected = np.linalg.eigvalsh(g)
+    values = two_stage.band_eigenvalues(band)
+    np.testing.assert_allclose(values, expected, atol=2e-5 * expected[-1])
+    lower = np.where(np.isnan(work), 0.0, work)
+    q1 = two_stage.apply_band_reflectors(lower, tau, kd, np.eye(n, dtype=np.float32))
+    q1 = q1.astype(np.float64)
+    np.testing.assert_allclose(q1.T @ q1, np.eye(n), atol=1e-4)
+    np.testing.assert_allclose(q1 @ dense_band(band.astype(np.float64)) @ q1.T, g,
+                               atol=1e-3 * expected[-1])
+    again = np.asfortranarray(g.astype(np.float32))
+    band_again, tau_again = two_stage.reduce_to_band(again, kd)
+    np.testing.assert_array_equal(band_again, band)
+    np.testing.assert_array_equal(tau_again, tau)
+    monkeypatch.setattr(two_stage, "_band_reduction", None)
+    assert not two_stage.threaded_reduction(np.float32, kd)
+    blas_band, _ = two_stage.reduce_to_band(np.asfortranarray(g.astype(np.float32)), kd)
+    np.testing.assert_allclose(two_stage.band_eigenvalues(blas_band), values,
+                               atol=2e-5 * expected[-1])
+
+
+@needs_threaded_reduction
+def test_threaded_band_reduction_checks_its_arguments():
+    matrix = np.zeros((200, 200), dtype=np.float32, order="F")
+    tau = np.zeros(104, dtype=np.float32)
+    geqrt3 = two_stage.ctypes.cast(two_stage._ROUTINES["s"]["blocked"]["geqrt3"],
+                                   two_stage.ctypes.c_void_p).value
+    reduce = two_stage._band_reduction.reduce
+    with pytest.raises(ValueError, match="null address"):
+        reduce(0, 200, matrix.ctypes.data, 200, tau.ctypes.data, 2)
+    with pytest.raises(ValueError, match="lda < n"):
+        reduce(geqrt3, 200, matrix.ctypes.data, 100, tau.ctypes.data, 2)
+    # The zero matrix: every panel is already reduced (τ = 0, H = I).
+    assert reduce(geqrt3, 200, matrix.ctypes.data, 200, tau.ctypes.data, 2) == (96, 0)
+    assert not np.any(matrix) and not np.any(tau)
+
+
+def test_threaded_band_reduction_only_for_float32_at_its_band_width():
+    """Other band widths and float64 take OpenBLAS's kernels (the tests above cover them)."""
+    assert not two_stage.threaded_reduction(np.float64, two_stage.REDUCTION_BAND_WIDTH)
+    assert not two_stage.threaded_reduction(np.float32, 64)
+
+
 needs_parallel_chase = pytest.mark.skipif(
     two_stage._bulge_chasing is None,
     reason="the C extension amct_core.decompose._bulge_chasing was not built (no C compiler)")
