@@ -1,4 +1,4 @@
-"""Build script of amct-core: its four optional C extensions.
+"""Build script of amct-core: its five optional C extensions.
 
 ``amct_core.decompose._bulge_chasing`` (plain C, no numpy headers) runs the bulge chasing of
 the two-stage tridiagonal reduction on two threads, through LAPACK's own kernels or, for
@@ -15,6 +15,11 @@ dense to band, for float32 at band half-width 96 on a CPU with AVX-512, on two t
 own kernels for the symmetric product and the rank-2k update of each panel (about 15 % faster
 than OpenBLAS's for these 96-wide panels); without it, or on another CPU, the panels go
 through OpenBLAS.
+
+``amct_core.decompose._band_product`` (plain C) multiplies a float32 band matrix by a block
+of vectors on two threads with AVX-512, only the band's entries: the steps of the Chebyshev
+filter of the band subspace iteration; without it, or on another CPU, they are matrix products
+of dense slabs of the band through OpenBLAS.
 
 ``amct_core._crc32c`` sums buffers with CRC-32C (the checksum of TensorFlow checkpoints) at
 memory speed; without it :mod:`amct_core.crc32c` computes it in Python, for small buffers.
@@ -35,7 +40,12 @@ _BAND_REDUCTION = Extension("amct_core.decompose._band_reduction",
                             sources=["src/amct_core/decompose/_band_reduction.c"],
                             extra_compile_args=["-O3"], optional=True)
 
+_BAND_PRODUCT = Extension("amct_core.decompose._band_product",
+                          sources=["src/amct_core/decompose/_band_product.c"],
+                          extra_compile_args=["-O3"], optional=True)
+
 _CRC32C = Extension("amct_core._crc32c", sources=["src/amct_core/_crc32c.c"],
                     extra_compile_args=["-O2"], optional=True)
 
-setup(ext_modules=[_BULGE_CHASING, _STURM_BISECTION, _BAND_REDUCTION, _CRC32C])
+setup(ext_modules=[_BULGE_CHASING, _STURM_BISECTION, _BAND_REDUCTION, _BAND_PRODUCT,
+                     _CRC32C])

@@ -437,6 +437,71 @@ def test_band_operator_product_equals_the_dense_band(monkeypatch, slab_rows):
     np.testing.assert_allclose(operator.product(x, np.empty_like(x)), dense @ x, atol=1e-8)
 
 
+needs_band_product = pytest.mark.skipif(
+    not band_subspace.band_product_kernel(np.float32),
+    reason="the C extension amct_core.decompose._band_product was not built, or this CPU has "
+           "no AVX-512")
+
+
+@needs_band_product
+@pytest.mark.parametrize("n, kd, k, threads", [(100, 12, 7, 2), (101, 12, 96, 1),
+                                               (103, 5, 113, 3), (6, 5, 17, 2), (1, 0, 1, 2)])
+def test_band_product_kernel_equals_the_dense_band(n, kd, k, threads, monkeypatch):
+    """The C kernel on float32: row counts that are not a multiple of its four-row groups,
+    column counts below, at and above its 96-column blocks, a band as wide as the matrix, a
+    1 × 1 matrix; the slabs through OpenBLAS give the same product up to rounding."""
+    monkeypatch.setattr(band_subspace, "PRODUCT_THREADS", threads)
+    g = gram_of(patches(11, 800), np.float64)[:n, :n]
+    band = np.zeros((kd + 1, n))
+    for offset in range(min(kd, n - 1) + 1):
+        band[offset, :n - offset] = np.diagonal(g, -offset)
+    rng = np.random.default_rng(n + k)
+    x = rng.standard_normal((n, k)).astype(np.float32)
+    previous = rng.standard_normal((n, k)).astype(np.float32)
+    operator = band_subspace._BandOperator(band.astype(np.float32), np.float32, shift=2.5)
+    assert operator.groups is not None and not operator.slabs
+    dense = dense_band(band)
+    scale = np.abs(dense).max() * np.abs(x).max() * (2 * kd + 1)
+    out = operator.step(x, 0.5, previous.copy(), beta=-0.25)
+    expected = 0.5 * (dense @ x - 2.5 * x) - 0.25 * previous
+    np.testing.assert_allclose(out, expected, atol=1e-6 * scale)
+    np.testing.assert_allclose(operator.product(x, np.empty_like(x)), dense @ x,
+                               atol=1e-6 * scale)
+    # With beta = 0, out is not read (NaN there does not reach the result).
+    unshifted = band_subspace._BandOperator(band.astype(np.float32), np.float32)
+    np.testing.assert_allclose(unshifted.step(x, 1.0, np.full_like(x, np.nan)), dense @ x,
+                               atol=1e-6 * scale)
+    if n > 1 and k > 1:  # a block the kernel cannot take (Fortran order): by the slabs
+        fortran = operator.step(np.asfortranarray(x), 0.5, np.asfortranarray(previous),
+                                beta=-0.25)
+        assert operator.slabs
+        np.testing.assert_allclose(fortran, out, atol=1e-6 * scale)
+    monkeypatch.setattr(band_subspace, "_band_product", None)
+    assert not band_subspace.band_product_kernel(np.float32)
+    slabs = band_subspace._BandOperator(band.astype(np.float32), np.float32, shift=2.5)
+    assert slabs.groups is None
+    np.testing.assert_allclose(slabs.step(x, 0.5, previous.copy(), beta=-0.25), out,
+                               atol=1e-6 * scale)
+
+
+def test_block_size_is_rank_plus_oversampling_in_whole_cache_lines():
+    assert band_subspace.block_size(6144, 1232) == 1488  # 1232 + 247, rounded up to 16
+    assert band_subspace.block_size(6144, 10) == 32  # 10 + 16
+    assert band_subspace.block_size(20, 10) == 20  # never more than n
+
+
+@needs_band_product
+def test_band_product_kernel_checks_its_arguments():
+    x = np.zeros((8, 3), dtype=np.float32)
+    coef = np.zeros((2, 12, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="out is X"):
+        band_subspace._band_product.step(8, 3, 4, coef.ctypes.data, x.ctypes.data,
+                                         x.ctypes.data, 1.0, 0.0, 2)
+    with pytest.raises(ValueError, match="null address"):
+        band_subspace._band_product.step(8, 3, 4, 0, x.ctypes.data, x.ctypes.data + 4, 1.0,
+                                         0.0, 2)
+
+
 def excess_of(vectors: np.ndarray, gram: np.ndarray, rank: int) -> float:
     """Independent measure: (tr G − tr(UᵀGU) − Σ_{h>r} λ_h) / Σ_{h>r} λ_h."""
     values = np.linalg.eigvalsh(gram)[::-1]
@@ -700,6 +765,6 @@ def test_the_start_block_drawn_ahead_is_the_seeded_one():
     np.testing.assert_array_equal(ahead, alone)
     assert excess_ahead == excess
     with pytest.raises(ValueError, match=r"start must be a C-ordered float32 array of shape "
-                                         r"\(64, 26\)"):
+                                         r"\(64, 32\)"):
         band_subspace.top_band_eigenvectors(band, values, 10,
                                             start=np.zeros((64, 10), np.float32))
