@@ -112,6 +112,7 @@ def test_threaded_band_reduction_keeps_the_spectrum_and_q1_maps_back(monkeypatch
     rounding."""
     kd = two_stage.REDUCTION_BAND_WIDTH
     monkeypatch.setattr(two_stage, "REDUCTION_THREADS", threads)
+    monkeypatch.setattr(two_stage, "_usable_cpus", lambda: 16)  # 3 threads on 2 CPUs too
     g = gram_of(patches(side, 3000), np.float64)
     n = g.shape[0]
     work = np.asfortranarray(g.astype(np.float32))
@@ -451,6 +452,7 @@ def test_band_product_kernel_equals_the_dense_band(n, kd, k, threads, monkeypatc
     column counts below, at and above its 96-column blocks, a band as wide as the matrix, a
     1 × 1 matrix; the slabs through OpenBLAS give the same product up to rounding."""
     monkeypatch.setattr(band_subspace, "PRODUCT_THREADS", threads)
+    monkeypatch.setattr(band_subspace.blas, "usable_cpus", lambda: 16)
     g = gram_of(patches(11, 800), np.float64)[:n, :n]
     band = np.zeros((kd + 1, n))
     for offset in range(min(kd, n - 1) + 1):

@@ -28,7 +28,6 @@ filter only the rest, with a degree set by the largest eigenvalue still active.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from scipy.linalg import LinAlgError, cholesky, eigh, qr
@@ -67,21 +66,15 @@ ROUNDING_FLOOR = 100.0
 #: the products get too small (a 6144 × 1479 block at kd = 96 on two cores: 33 ms with 48 or
 #: 64 rows, 34-35 ms with 96, 37-38 ms with 128, 37-44 ms with 32).
 SLAB_ROWS = 64
-#: Threads of the C extension's band product (at most the CPUs this process may use).
-PRODUCT_THREADS = 2
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+#: Most threads of the C extension's band product: it runs on every CPU this process may use,
+#: up to this many.
+PRODUCT_THREADS = 16
 
 
 def band_product_kernel(dtype: np.dtype | type) -> bool:
     """Whether the products B·X of a ``dtype`` band run in the C extension ``_band_product``
-    (built, float32, an AVX-512 CPU): only the band's entries, on :data:`PRODUCT_THREADS`
-    threads, about twice as fast as the dense slabs through OpenBLAS."""
+    (built, float32, an AVX-512 CPU): only the band's entries, on every usable CPU (at most
+    :data:`PRODUCT_THREADS`), about twice as fast as the dense slabs through OpenBLAS."""
     return (_band_product is not None and np.dtype(dtype) == np.float32
             and bool(_band_product.available()))
 
@@ -176,7 +169,7 @@ class _BandOperator:
                 and current.shape == out.shape and current.shape[0] == self.n:
             _band_product.step(self.n, current.shape[1], self.kd, self.groups.ctypes.data,
                                current.ctypes.data, out.ctypes.data, alpha, beta,
-                               max(1, min(PRODUCT_THREADS, _usable_cpus())))
+                               max(1, min(PRODUCT_THREADS, blas.usable_cpus())))
             return out
         if not self.slabs:  # blocks the kernel cannot take (not C-ordered): by slabs
             self.slabs = _dense_slabs(self._rows, self.kd)

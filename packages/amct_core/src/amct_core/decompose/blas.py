@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import numpy as np
 
@@ -54,6 +55,14 @@ def _routine(name: str) -> object | None:
             function.restype = None
             return function
     return None  # pragma: no cover
+
+
+def usable_cpus() -> int:
+    """The number of CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _layout(matrix: np.ndarray) -> tuple[int, bool] | None:
