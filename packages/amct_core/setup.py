@@ -26,26 +26,19 @@ memory speed; without it :mod:`amct_core.crc32c` computes it in Python, for smal
 """
 from setuptools import Extension, setup
 
+
+def _extension(module: str, optimisation: str = "-O3") -> Extension:
+    """The optional C extension ``amct_core.<module>`` from ``src/amct_core/<module>.c``: an
+    install without a C compiler goes on without it."""
+    path = module.replace(".", "/")
+    return Extension(f"amct_core.{module}", sources=[f"src/amct_core/{path}.c"],
+                     extra_compile_args=[optimisation], optional=True)
+
+
 # -O3: the fused chasing kernels run 4-6 % faster than at -O2 (median of 12 chases of a
 # 6144 x 6144 band, kd = 96), with the same tridiagonal matrix bit for bit.
-_BULGE_CHASING = Extension("amct_core.decompose._bulge_chasing",
-                           sources=["src/amct_core/decompose/_bulge_chasing.c"],
-                           extra_compile_args=["-O3"], optional=True)
-
-_STURM_BISECTION = Extension("amct_core.decompose._sturm_bisection",
-                             sources=["src/amct_core/decompose/_sturm_bisection.c"],
-                             extra_compile_args=["-O3"], optional=True)
-
-_BAND_REDUCTION = Extension("amct_core.decompose._band_reduction",
-                            sources=["src/amct_core/decompose/_band_reduction.c"],
-                            extra_compile_args=["-O3"], optional=True)
-
-_BAND_PRODUCT = Extension("amct_core.decompose._band_product",
-                          sources=["src/amct_core/decompose/_band_product.c"],
-                          extra_compile_args=["-O3"], optional=True)
-
-_CRC32C = Extension("amct_core._crc32c", sources=["src/amct_core/_crc32c.c"],
-                    extra_compile_args=["-O2"], optional=True)
-
-setup(ext_modules=[_BULGE_CHASING, _STURM_BISECTION, _BAND_REDUCTION, _BAND_PRODUCT,
-                     _CRC32C])
+setup(ext_modules=[_extension("decompose._bulge_chasing"),
+                   _extension("decompose._sturm_bisection"),
+                   _extension("decompose._band_reduction"),
+                   _extension("decompose._band_product"),
+                   _extension("_crc32c", "-O2")])
