@@ -105,7 +105,7 @@ needs_threaded_reduction = pytest.mark.skipif(
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threaded_band_reduction_keeps_the_spectrum_and_q1_maps_back(monkeypatch, side, threads):
     """The extension's reduction (kd = 96, float32) on n = 196 (one panel, then a 4-row panel
-    for the LAPACK loop), 361 (tiles of 9 and 73 rows, a 73-row last panel) and 400 (three
+    for the LAPACK loop), 361 (last tiles of 9 and 41 rows, a 73-row last panel) and 400 (three
     panels, then 16 rows): the band has the matrix's spectrum, Q1 is orthogonal and
     Q1 B Q1ᵀ = G; nothing above the diagonal is read or written (NaN there stays NaN and
     reaches nothing); the same bits on every run; the same band as OpenBLAS's kernels up to
